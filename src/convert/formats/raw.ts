@@ -1,0 +1,123 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { CorruptImageError, InvalidOptionError } from '../../errors.js';
+import { native } from '../../native.js';
+import type { DiskWriter, Extent, FormatDetails, ImageLayer } from '../disk.js';
+import type { CreateRequest, FormatDriver, MeasureResult } from '../format.js';
+import { OutputFile, readFully } from '../output-file.js';
+import type { OptionValues } from '../options.js';
+
+/** How many SEEK_DATA/SEEK_HOLE pairs to ask for per native call. */
+const SEGMENT_BATCH = 4096;
+
+class RawLayer implements ImageLayer {
+  readonly format = 'raw';
+  constructor(
+    readonly path: string,
+    private readonly handle: FileHandle,
+    readonly virtualSize: number,
+  ) {}
+
+  get dataFd(): number {
+    return this.handle.fd;
+  }
+
+  /** Data where the filesystem has blocks, zeroes in holes: found with SEEK_DATA/SEEK_HOLE, never by reading. */
+  async *blockStatus(offset: number, length: number): AsyncIterable<Extent> {
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const seg = native.dataSegments(this.handle.fd, pos, end, SEGMENT_BATCH);
+      const resumeAt = seg[seg.length - 1];
+      for (let i = 0; i + 1 < seg.length; i += 2) {
+        const [start, stop] = [seg[i], seg[i + 1]];
+        if (start > pos) yield { offset: pos, length: start - pos, kind: 'zero', depth: 0, hostOffset: pos };
+        yield { offset: start, length: stop - start, kind: 'data', depth: 0, hostOffset: start };
+        pos = stop;
+      }
+      if (resumeAt >= end && pos < end) {
+        yield { offset: pos, length: end - pos, kind: 'zero', depth: 0, hostOffset: pos };
+        pos = end;
+      }
+      pos = Math.max(pos, resumeAt);
+    }
+  }
+
+  async readAllocated(offset: number, length: number, into: Buffer, intoOffset: number): Promise<void> {
+    const got = await readFully(this.handle, into, intoOffset, length, offset);
+    if (got < length) into.fill(0, intoOffset + got, intoOffset + length);
+  }
+
+  details(): FormatDetails {
+    return {};
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close();
+  }
+}
+
+class RawWriter implements DiskWriter {
+  readonly granularity = 512;
+  readonly sequential = false;
+  readonly zeroInitialized = true;
+
+  constructor(
+    private readonly out: OutputFile,
+    readonly virtualSize: number,
+  ) {}
+
+  get path(): string {
+    return this.out.finalPath;
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.out.writeAt(data, offset);
+  }
+
+  async writeZeroes(): Promise<void> {
+    // A new sparse file already reads as zeroes.
+  }
+
+  finish(): Promise<void> {
+    return this.out.commit(false);
+  }
+
+  abort(): Promise<void> {
+    return this.out.discard();
+  }
+}
+
+export const rawDriver: FormatDriver = {
+  name: 'raw',
+  aliases: ['img'],
+  description: 'Raw disk image: the bytes of the disk, sparse where the filesystem allows',
+  compression: false,
+  createOptions: [],
+
+  // Anything is a valid raw image, so raw only wins when no other driver claims the file.
+  probe: () => 1,
+
+  async open(path: string): Promise<ImageLayer> {
+    const handle = await open(path, 'r');
+    const { size } = await handle.stat();
+    if (!Number.isSafeInteger(size)) throw new CorruptImageError('file size out of range', { file: path });
+    return new RawLayer(path, handle, size);
+  },
+
+  async create(req: CreateRequest): Promise<DiskWriter> {
+    if (req.compress) throw new InvalidOptionError('raw images cannot be compressed', { field: 'compress' });
+    const out = await OutputFile.create(req.path);
+    try {
+      await out.handle.truncate(req.virtualSize);
+    } catch (err) {
+      await out.discard();
+      throw err;
+    }
+    return new RawWriter(out, req.virtualSize);
+  },
+
+  // qemu-img reports the full size for raw either way: the file is that long, sparse or not.
+  async measure(virtualSize: number, _allocated: AsyncIterable<Extent>, _options: OptionValues): Promise<MeasureResult> {
+    return { required: virtualSize, fullyAllocated: virtualSize };
+  },
+};

@@ -1,0 +1,57 @@
+import { randomBytes } from 'node:crypto';
+import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+
+/**
+ * A file written under a temporary name beside its destination and renamed into place only when complete,
+ * so a failed or cancelled conversion never leaves a partial image under the real name.
+ */
+export class OutputFile {
+  private constructor(
+    readonly finalPath: string,
+    readonly tempPath: string,
+    readonly handle: FileHandle,
+  ) {}
+
+  static async create(finalPath: string): Promise<OutputFile> {
+    const tempPath = join(dirname(finalPath), `.${basename(finalPath)}.ferry-${randomBytes(4).toString('hex')}.tmp`);
+    const handle = await open(tempPath, 'wx+', 0o644);
+    return new OutputFile(finalPath, tempPath, handle);
+  }
+
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  /** Writes all of `data` at `position`, retrying short writes. */
+  async writeAt(data: Uint8Array, position: number): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.handle.write(data, done, data.length - done, position + done);
+      done += bytesWritten;
+    }
+  }
+
+  /** Closes and renames into place. `durable` fsyncs first, for callers that must survive a crash. */
+  async commit(durable: boolean): Promise<void> {
+    if (durable) await this.handle.sync();
+    await this.handle.close();
+    await rename(this.tempPath, this.finalPath);
+  }
+
+  async discard(): Promise<void> {
+    await this.handle.close().catch(() => undefined);
+    await unlink(this.tempPath).catch(() => undefined);
+  }
+}
+
+/** Reads exactly `length` bytes at `position`; a short read past EOF is reported to `onShort`. */
+export async function readFully(handle: FileHandle, into: Uint8Array, intoOffset: number, length: number, position: number): Promise<number> {
+  let done = 0;
+  while (done < length) {
+    const { bytesRead } = await handle.read(into, intoOffset + done, length - done, position + done);
+    if (bytesRead === 0) break;
+    done += bytesRead;
+  }
+  return done;
+}

@@ -95,7 +95,7 @@ struct task {
   /* inputs */
   int fd, codec, level;
   uint8_t *buf, *out;
-  size_t len, gran, cluster, count, out_stride;
+  size_t len, gran, cluster, count, out_stride, capacity;
   int64_t pos;
   double *triples;
   size_t ntriples;
@@ -250,7 +250,7 @@ static napi_value scan_zeroes(napi_env env, napi_callback_info info) {
 static void run_compress(task *t) {
   for (size_t i = 0; i < t->count; i++) {
     const uint8_t *src = t->buf + i * t->cluster;
-    long n = ferry_compress(t->codec, t->level, src, t->cluster, t->out + i * t->out_stride, t->out_stride);
+    long n = ferry_compress(t->codec, t->level, src, t->cluster, t->out + i * t->out_stride, t->capacity);
     if (n < 0) {
       snprintf(t->message, sizeof t->message, "compression failed");
       return;
@@ -259,17 +259,17 @@ static void run_compress(task *t) {
   }
 }
 
-/* compressBlocks(codec, level, src, blockSize, count, out, outStride, sizes) -> Promise<void>
- * Block i is compressed to out[i*outStride], at most outStride-... bytes; sizes[i] = 0 when it did not fit. */
+/* compressBlocks(codec, level, src, blockSize, count, out, outStride, capacity, sizes) -> Promise<void>
+ * Block i is compressed to out[i*outStride], at most `capacity` bytes; sizes[i] = 0 when it did not fit. */
 static napi_value compress_blocks(napi_env env, napi_callback_info info) {
-  size_t argc = 8;
-  napi_value argv[8];
+  size_t argc = 9;
+  napi_value argv[9];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   task *t = calloc(1, sizeof *t);
   size_t src_len, out_len, sizes_len;
   uint8_t *sizes_p;
   if (!t || arg_buffer(env, argv[2], &t->buf, &src_len) || arg_buffer(env, argv[5], &t->out, &out_len) ||
-      arg_buffer(env, argv[7], &sizes_p, &sizes_len)) {
+      arg_buffer(env, argv[8], &sizes_p, &sizes_len)) {
     free(t);
     napi_throw_type_error(env, NULL, "compressBlocks: buffers expected");
     return NULL;
@@ -279,14 +279,16 @@ static napi_value compress_blocks(napi_env env, napi_callback_info info) {
   t->cluster = (size_t)arg_i64(env, argv[3]);
   t->count = (size_t)arg_i64(env, argv[4]);
   t->out_stride = (size_t)arg_i64(env, argv[6]);
+  t->capacity = (size_t)arg_i64(env, argv[7]);
   t->sizes = (uint32_t *)sizes_p;
-  if (t->cluster * t->count > src_len || t->out_stride * t->count > out_len || t->count * 4 > sizes_len) {
+  if (t->cluster * t->count > src_len || t->out_stride * t->count > out_len || t->count * 4 > sizes_len ||
+      t->capacity > t->out_stride) {
     free(t);
     napi_throw_range_error(env, NULL, "compressBlocks: buffers too small");
     return NULL;
   }
   t->run = run_compress;
-  if (keep(env, t, argv[2]) || keep(env, t, argv[5]) || keep(env, t, argv[7])) return NULL;
+  if (keep(env, t, argv[2]) || keep(env, t, argv[5]) || keep(env, t, argv[8])) return NULL;
   return queue(env, t, "ferry.compressBlocks");
 }
 

@@ -26,6 +26,7 @@ interface FerryNative {
     count: number,
     out: Buffer,
     outStride: number,
+    capacity: number,
     sizes: Uint32Array,
   ): Promise<number>;
   decompressBlocks(codec: Codec, src: Buffer, triples: Float64Array, dst: Buffer, blockSize: number): Promise<number>;

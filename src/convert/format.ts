@@ -16,6 +16,8 @@ export interface CreateRequest {
   options: OptionValues;
   /** Compress data (qemu-img convert -c); only for drivers with `compression`. */
   compress: boolean;
+  /** fsync before the rename, for callers that must survive a host crash (qemu-img -t other than unsafe). */
+  durable?: boolean;
 }
 
 /** Sizes `measure` reports, in bytes, as qemu-img measure does. */
@@ -50,6 +52,8 @@ export interface FormatDriver {
   readonly createOptions: readonly OptionSpec[];
   /** Absent for read-only formats. */
   create?(req: CreateRequest): Promise<DiskWriter>;
+  /** Writes into an existing image in place (qemu-img convert -n), for formats that allow it. */
+  openWriter?(path: string, virtualSize: number): Promise<DiskWriter>;
   /** Whether `create` honours `compress`. */
   readonly compression: boolean;
   /** Output size for a given allocation of the source; extents cover the whole virtual size. */

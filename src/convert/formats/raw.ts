@@ -64,6 +64,7 @@ class RawWriter implements DiskWriter {
   constructor(
     private readonly out: OutputFile,
     readonly virtualSize: number,
+    private readonly durable: boolean,
   ) {}
 
   get path(): string {
@@ -79,11 +80,43 @@ class RawWriter implements DiskWriter {
   }
 
   finish(): Promise<void> {
-    return this.out.commit(false);
+    return this.out.commit(this.durable);
   }
 
   abort(): Promise<void> {
     return this.out.discard();
+  }
+}
+
+/** Writes into an existing file in place (convert -n): zero ranges are punched out or overwritten. */
+class RawInPlaceWriter implements DiskWriter {
+  readonly granularity = 512;
+  readonly sequential = false;
+  readonly zeroInitialized = false;
+
+  constructor(
+    readonly path: string,
+    private readonly handle: FileHandle,
+    readonly virtualSize: number,
+  ) {}
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    let done = 0;
+    while (done < data.length) done += (await this.handle.write(data, done, data.length - done, offset + done)).bytesWritten;
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    if (native.punchHole(this.handle.fd, offset, length)) return;
+    const zero = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
+    for (let pos = offset; pos < offset + length; pos += zero.length) await this.write(pos, zero.subarray(0, Math.min(zero.length, offset + length - pos)));
+  }
+
+  async finish(): Promise<void> {
+    await this.handle.close();
+  }
+
+  async abort(): Promise<void> {
+    await this.handle.close();
   }
 }
 
@@ -113,7 +146,17 @@ export const rawDriver: FormatDriver = {
       await out.discard();
       throw err;
     }
-    return new RawWriter(out, req.virtualSize);
+    return new RawWriter(out, req.virtualSize, req.durable ?? false);
+  },
+
+  async openWriter(path: string, virtualSize: number): Promise<DiskWriter> {
+    const handle = await open(path, 'r+');
+    const { size } = await handle.stat();
+    if (size < virtualSize) {
+      await handle.close();
+      throw new InvalidOptionError(`target ${path} is ${size} bytes, smaller than the source (${virtualSize} bytes)`, { file: path });
+    }
+    return new RawInPlaceWriter(path, handle, virtualSize);
   },
 
   // qemu-img reports the full size for raw either way: the file is that long, sparse or not.

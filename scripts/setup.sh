@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# npm run setup: the system packages Ferry and its tests need, then npm ci and the build. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian package -> a command (or file) that shows it is installed.
+PACKAGES=(
+  "qemu-utils:qemu-img"          # the oracle for every disk format, in tests and benchmarks
+  "libzstd-dev:/usr/include/zstd.h" # zstd for the native addon
+  "zlib1g-dev:/usr/include/zlib.h"  # deflate for the native addon
+  "time:/usr/bin/time"           # peak RSS in benchmarks
+  "make:make"
+  "g++:g++"
+  "python3:python3"              # node-gyp
+)
+
+missing=()
+for entry in "${PACKAGES[@]}"; do
+  pkg="${entry%%:*}"
+  probe="${entry#*:}"
+  if [[ "$probe" == /* ]]; then [ -e "$probe" ] || missing+=("$pkg")
+  else command -v "$probe" >/dev/null 2>&1 || missing+=("$pkg"); fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${missing[*]} with apt-get"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: this is not a Debian/Ubuntu system; install these packages (or your distribution's equivalents) and rerun: ${missing[*]}" >&2
+    exit 1
+  fi
+else
+  echo "setup: system packages present"
+fi
+
+echo "setup: npm ci"
+npm ci --no-audit --no-fund
+echo "setup: building the native addon and the TypeScript sources"
+npm run build --silent
+echo "setup: done. Try: node bin/ferry.js --help"

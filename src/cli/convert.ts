@@ -1,0 +1,60 @@
+import type { Command } from 'commander';
+import { convertImage } from '../convert/convert.js';
+import { InvalidOptionError } from '../errors.js';
+import { parseSize } from '../util/size.js';
+import { collectOptions, parseCount, printOptionsHelp, progressMode } from './common.js';
+import { createProgress } from './progress.js';
+
+const CACHE_MODES = ['unsafe', 'writeback', 'writethrough', 'none', 'directsync'];
+
+export function registerConvert(program: Command): void {
+  program
+    .command('convert')
+    .summary('convert a disk image to another format')
+    .description(
+      'Copy SRC into a new image DST in format -O, skipping unallocated and zero blocks.\n' +
+        'DST is written under a temporary name and renamed only when complete; SRC is only read.',
+    )
+    .argument('<src>', 'source image')
+    .argument('<dst>', 'output image')
+    .option('-f, --format <fmt>', 'source format (probed when omitted)')
+    .option('-O, --output-format <fmt>', 'output format', 'raw')
+    .option('-o, --options <k=v,...>', 'output format options, e.g. compat=0.10,cluster_size=2M (repeatable; -o help lists them)', collectOptions)
+    .option('-c, --compress', 'compress the output (qcow2: zlib, or zstd with -o compression_type=zstd)')
+    .option('-p', 'show a progress bar')
+    .option('--progress <mode>', 'progress output: bar (stderr) or json (JSON lines on stdout, for programs)')
+    .option('-S, --sparse-size <size>', 'zero detection granularity; 0 writes every byte', '4k')
+    .option('-m, --parallel <n>', 'parallel copy workers', '8')
+    .option('-n, --no-create', 'write into an existing target instead of creating it (raw targets)')
+    .option('--target-is-zero', 'the target already reads as zeroes: do not write zero ranges (with -n)')
+    .option('-t, --cache <mode>', `output cache mode: unsafe (no fsync, as qemu-img) or writeback/none/... (fsync before the rename)`, 'unsafe')
+    .option('-W', 'allow out-of-order writes (accepted for qemu-img compatibility; Ferry already writes in parallel)')
+    .option('-U, --force-share', 'accepted for qemu-img compatibility: Ferry opens sources read-only without locks')
+    .option('-q, --quiet', 'no progress output')
+    .option('--allow-external', 'allow backing files outside the image folder')
+    .action(async (src: string, dst: string, o) => {
+      if (printOptionsHelp(o.outputFormat, o.options)) return;
+      if (!CACHE_MODES.includes(o.cache)) throw new InvalidOptionError(`-t must be one of ${CACHE_MODES.join(', ')}`, { field: 'cache' });
+      if (o.targetIsZero && o.create !== false) throw new InvalidOptionError('--target-is-zero requires -n', { field: 'target-is-zero' });
+      const mode = o.quiet ? 'none' : progressMode(o.p, o.progress);
+      const progress = createProgress(mode, 'convert');
+      const stats = await convertImage({
+        source: src,
+        sourceFormat: o.format,
+        target: dst,
+        targetFormat: o.outputFormat,
+        options: o.options,
+        compress: o.compress === true,
+        durable: o.cache !== 'unsafe',
+        allowExternal: o.allowExternal === true,
+        noCreate: o.create === false,
+        pipeline: {
+          workers: parseCount(o.parallel, '-m', 1, 64),
+          sparseSize: parseSize(o.sparseSize, '-S'),
+          targetIsZero: o.targetIsZero === true,
+          onProgress: (p) => progress.update(p),
+        },
+      });
+      progress.done(stats);
+    });
+}

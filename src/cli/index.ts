@@ -1,0 +1,86 @@
+import { Command, CommanderError } from 'commander';
+import { FerryError, errorMessage } from '../errors.js';
+import { formatDrivers } from '../convert/registry.js';
+import { registerCheck } from './check.js';
+import { registerCompare } from './compare.js';
+import { registerConvert } from './convert.js';
+import { registerInfo } from './info.js';
+import { registerMap } from './map.js';
+import { registerMeasure } from './measure.js';
+
+/** Exit status for failures, per command; compare uses 2 like qemu-img, check 1 ("could not run"). */
+const ERROR_EXIT: Record<string, number> = { compare: 2, check: 1 };
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('ferry')
+    .description(
+      'Move machines into and between hypervisors.\n\n' +
+        'Disk images: info, convert, check, compare, map and measure take the flags qemu-img users know.\n' +
+        `Formats: ${formatDrivers.map((d) => d.name).join(', ')} ('ferry formats' lists their options).`,
+    )
+    .version(process.env.npm_package_version ?? '0.1.0')
+    .option('--debug', 'show stack traces on errors')
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+
+  registerInfo(program);
+  registerConvert(program);
+  registerCheck(program);
+  registerCompare(program);
+  registerMap(program);
+  registerMeasure(program);
+
+  program
+    .command('formats')
+    .summary('list the disk formats and their creation options')
+    .action(() => {
+      for (const d of formatDrivers) {
+        const names = [d.name, ...d.aliases].join(', ');
+        process.stdout.write(`${names}: ${d.description}${d.create ? '' : ' (read-only)'}\n`);
+        for (const o of d.createOptions) process.stdout.write(`    -o ${o.name}=<${o.type}>  ${o.description}\n`);
+      }
+    });
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  const debug = argv.includes('--debug');
+  try {
+    await program.parseAsync(argv);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // Help and version exit 0; usage errors were already printed by commander.
+      process.exitCode = err.exitCode;
+      return;
+    }
+    const command = argv[2] ?? '';
+    process.stderr.write(`ferry ${command}: ${describe(err)}\n`);
+    if (debug && err instanceof Error && err.stack) process.stderr.write(err.stack + '\n');
+    process.exitCode = ERROR_EXIT[command] ?? 1;
+  }
+}
+
+function describe(err: unknown): string {
+  if (err instanceof FerryError) return err.describe();
+  const e = err as NodeJS.ErrnoException;
+  if (e?.code && e.path) return `${e.path}: ${systemMessage(e)}`;
+  return errorMessage(err);
+}
+
+function systemMessage(e: NodeJS.ErrnoException): string {
+  switch (e.code) {
+    case 'ENOENT':
+      return 'No such file or directory';
+    case 'EACCES':
+      return 'Permission denied';
+    case 'EISDIR':
+      return 'Is a directory';
+    case 'ENOSPC':
+      return 'No space left on device';
+    default:
+      return e.message;
+  }
+}

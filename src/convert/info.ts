@@ -1,0 +1,55 @@
+import { stat } from 'node:fs/promises';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import type { ImageLayer } from './disk.js';
+import { openDisk } from './open.js';
+
+/** What `info` reports per image, named as qemu-img's JSON output names it. */
+export interface ImageInfo {
+  'virtual-size': number;
+  filename: string;
+  'cluster-size'?: number;
+  format: string;
+  'actual-size': number;
+  'format-specific'?: { type: string; data: Record<string, unknown> };
+  'full-backing-filename'?: string;
+  'backing-filename'?: string;
+  'backing-filename-format'?: string;
+  'dirty-flag': boolean;
+}
+
+export interface InfoOptions {
+  format?: string;
+  backingChain?: boolean;
+  allowExternal?: boolean;
+}
+
+/** Describes an image, or with `backingChain` every image of its chain, top first. */
+export async function imageInfo(path: string, opts: InfoOptions = {}): Promise<ImageInfo[]> {
+  const disk = await openDisk(path, { format: opts.format, allowExternal: opts.allowExternal, noBacking: !opts.backingChain });
+  try {
+    return await Promise.all(disk.layers.map((layer) => describeLayer(layer)));
+  } finally {
+    await disk.close();
+  }
+}
+
+async function describeLayer(layer: ImageLayer): Promise<ImageInfo> {
+  const st = await stat(layer.path);
+  const details = layer.details();
+  const info: ImageInfo = {
+    'virtual-size': layer.virtualSize,
+    filename: layer.path,
+    format: layer.format,
+    'actual-size': st.blocks * 512,
+    'dirty-flag': details.dirty ?? false,
+  };
+  if (details.clusterSize) info['cluster-size'] = details.clusterSize;
+  if (details.specific) info['format-specific'] = details.specific;
+  if (layer.backing) {
+    const name = layer.backing.name;
+    info['backing-filename'] = name;
+    info['full-backing-filename'] = isAbsolute(name) ? name : resolve(dirname(layer.path), name);
+    if (layer.backing.format) info['backing-filename-format'] = layer.backing.format;
+  }
+  return info;
+}

@@ -24,7 +24,10 @@ export function registerMap(program: Command): void {
       });
       const out: string[] = [];
       if (output === 'json') {
-        for await (const { file: _file, ...e } of entries) out.push(JSON.stringify(e).replace(/,"/g, ', "').replace(/":/g, '": '));
+        // One object per line, spaced as qemu-img prints it, so scripts that parse either keep working.
+        for await (const { file: _file, ...e } of entries) {
+          out.push('{ ' + Object.entries(e).map(([k, v]) => `${JSON.stringify(k)}: ${JSON.stringify(v)}`).join(', ') + '}');
+        }
         process.stdout.write('[' + out.join(',\n') + ']\n');
         return;
       }

@@ -9,11 +9,10 @@
 static __thread ZSTD_CCtx *zstd_cctx;
 static __thread ZSTD_DCtx *zstd_dctx;
 
-static long deflate_block(int level, const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap) {
+static long deflate_block(int window_bits, int level, const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap) {
   z_stream s;
   memset(&s, 0, sizeof s);
-  /* Raw deflate with a 4 KiB window, as qcow2 readers expect (no zlib header). */
-  if (deflateInit2(&s, level, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) return -1;
+  if (deflateInit2(&s, level, Z_DEFLATED, window_bits, 9, Z_DEFAULT_STRATEGY) != Z_OK) return -1;
   s.next_in = (Bytef *)src;
   s.avail_in = (uInt)src_len;
   s.next_out = dst;
@@ -35,15 +34,21 @@ static long zstd_block(int level, const uint8_t *src, size_t src_len, uint8_t *d
 }
 
 long ferry_compress(int codec, int level, const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_cap) {
-  return codec == FERRY_CODEC_ZSTD ? zstd_block(level, src, src_len, dst, dst_cap)
-                                   : deflate_block(level, src, src_len, dst, dst_cap);
+  switch (codec) {
+    case FERRY_CODEC_ZSTD:
+      return zstd_block(level, src, src_len, dst, dst_cap);
+    case FERRY_CODEC_ZLIB:
+      return deflate_block(15, level, src, src_len, dst, dst_cap);
+    default:
+      /* Raw deflate with a 4 KiB window, as qcow2 readers expect (no zlib header). */
+      return deflate_block(-12, level, src, src_len, dst, dst_cap);
+  }
 }
 
-static int inflate_block(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
+static int inflate_block(int window_bits, const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
   z_stream s;
   memset(&s, 0, sizeof s);
-  /* A 32 KiB window decodes streams written with any smaller window. */
-  if (inflateInit2(&s, -15) != Z_OK) return -1;
+  if (inflateInit2(&s, window_bits) != Z_OK) return -1;
   s.next_in = (Bytef *)src;
   s.avail_in = (uInt)src_len;
   s.next_out = dst;
@@ -71,6 +76,13 @@ static int zstd_decompress_block(const uint8_t *src, size_t src_len, uint8_t *ds
 }
 
 int ferry_decompress(int codec, const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
-  return codec == FERRY_CODEC_ZSTD ? zstd_decompress_block(src, src_len, dst, dst_len)
-                                   : inflate_block(src, src_len, dst, dst_len);
+  switch (codec) {
+    case FERRY_CODEC_ZSTD:
+      return zstd_decompress_block(src, src_len, dst, dst_len);
+    case FERRY_CODEC_ZLIB:
+      return inflate_block(15, src, src_len, dst, dst_len);
+    default:
+      /* A 32 KiB window decodes raw streams written with any smaller window. */
+      return inflate_block(-15, src, src_len, dst, dst_len);
+  }
 }

@@ -5,7 +5,8 @@
 
 uint32_t ferry_crc32c(uint32_t crc, const uint8_t *p, size_t n);
 
-enum ferry_codec { FERRY_CODEC_DEFLATE = 0, FERRY_CODEC_ZSTD = 1 };
+/* DEFLATE: raw deflate (qcow2); ZLIB: deflate with the zlib header and checksum (VMDK grains). */
+enum ferry_codec { FERRY_CODEC_DEFLATE = 0, FERRY_CODEC_ZSTD = 1, FERRY_CODEC_ZLIB = 2 };
 
 /* Compresses src into dst (capacity dst_cap). Returns the compressed length, 0 when the result
  * would not fit in dst_cap (the caller stores the block uncompressed), or -1 on an internal error. */

@@ -5,8 +5,11 @@
 import { createRequire } from 'node:module';
 
 export const enum Codec {
+  /** Raw deflate without header (qcow2). */
   Deflate = 0,
   Zstd = 1,
+  /** Deflate with the zlib header and Adler-32 (VMDK streamOptimized grains). */
+  Zlib = 2,
 }
 
 export interface ScanResult {

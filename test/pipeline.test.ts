@@ -46,9 +46,9 @@ function memoryWriter(size: number, opts: { granularity?: number; sequential?: b
     sequential: opts.sequential ?? false,
     zeroInitialized: opts.zeroInitialized ?? true,
     async write(offset, data) {
-      // Yield so that parallel workers interleave, as real I/O does.
-      await new Promise((r) => setTimeout(r, Math.random() * 2));
       rec.writes.push([offset, data.length]);
+      // Complete after a random delay, so that parallel workers interleave as real I/O does.
+      await new Promise((r) => setTimeout(r, Math.random() * 2));
       data.copy(image, offset);
     },
     async writeZeroes(offset, length) {
@@ -98,7 +98,7 @@ describe('conversion pipeline', () => {
     expect(w.zeroes.some(([o, l]) => o === 2 * 1024 * 1024 && l === 2 * 1024 * 1024)).toBe(true);
   });
 
-  it('feeds a sequential writer strictly in order even with many workers', async () => {
+  it('calls a sequential writer strictly in order even with many workers', async () => {
     const size = 16 * 1024 * 1024;
     const bytes = patterned(size);
     const disk = memoryDisk(bytes, [

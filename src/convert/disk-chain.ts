@@ -75,7 +75,7 @@ export class DiskChain implements DiskReader {
   private async singleHostRange(offset: number, length: number): Promise<{ fd: number; position: number } | undefined> {
     let found: { fd: number; position: number } | undefined;
     for await (const ext of this.compose(0, offset, length)) {
-      const fd = this.layers[ext.depth].dataFd;
+      const fd = ext.hostFd ?? this.layers[ext.depth].dataFd;
       if (found || ext.kind !== 'data' || ext.hostOffset === undefined || fd === undefined || ext.length !== length) return undefined;
       found = { fd, position: ext.hostOffset };
     }
@@ -88,7 +88,7 @@ export class DiskChain implements DiskReader {
 }
 
 function canMerge(a: Extent, b: Extent): boolean {
-  if (a.kind !== b.kind || a.depth !== b.depth || a.offset + a.length !== b.offset) return false;
+  if (a.kind !== b.kind || a.depth !== b.depth || a.offset + a.length !== b.offset || a.hostFd !== b.hostFd) return false;
   if (a.hostOffset === undefined || b.hostOffset === undefined) return a.hostOffset === b.hostOffset;
   return a.hostOffset + a.length === b.hostOffset;
 }

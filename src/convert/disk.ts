@@ -16,6 +16,12 @@ export interface Extent {
   depth: number;
   /** Where the bytes sit in the layer's data file when they are stored plainly and contiguously. */
   hostOffset?: number;
+  /**
+   * For layers spread over several files (VMDK extents): the descriptor and name of the file `hostOffset`
+   * refers to. Absent means the layer's `dataFd` and `path`.
+   */
+  hostFd?: number;
+  hostFile?: string;
 }
 
 /** A reference from an image to another file (backing file, data file, extent), before it is resolved. */
@@ -80,7 +86,11 @@ export interface DiskWriter {
   readonly virtualSize: number;
   /** The unit the writer allocates in; the pipeline aligns writes and zero detection to it. */
   readonly granularity: number;
-  /** True when the writer can only take each block once, in ascending order (streamOptimized VMDK). */
+  /**
+   * True when the writer can only take each block once, in ascending order (streamOptimized VMDK). Calls
+   * then arrive in ascending order, but a call may come before the previous one's promise settles: such a
+   * writer starts its work (compression) at once and commits results in call order.
+   */
   readonly sequential: boolean;
   /** True when unwritten ranges read as zeroes, so zero runs need not be written. */
   readonly zeroInitialized: boolean;

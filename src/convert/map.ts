@@ -27,7 +27,7 @@ export async function* imageMap(path: string, opts: MapOptions = {}): AsyncItera
     const length = Math.min(disk.virtualSize - start, opts.maxLength ?? Infinity);
     let pending: (MapEntry & { file?: string }) | undefined;
     for await (const ext of disk.extents(start, Math.max(0, length))) {
-      const entry = { ...toEntry(ext), file: disk.layers[ext.depth].path };
+      const entry = { ...toEntry(ext), file: ext.hostFile ?? disk.layers[ext.depth].path };
       if (pending && mergeable(pending, entry)) {
         pending.length += entry.length;
         continue;
@@ -54,8 +54,8 @@ function toEntry(ext: Extent): MapEntry {
   return entry;
 }
 
-function mergeable(a: MapEntry, b: MapEntry): boolean {
-  if (a.depth !== b.depth || a.present !== b.present || a.zero !== b.zero || a.data !== b.data) return false;
+function mergeable(a: MapEntry & { file?: string }, b: MapEntry & { file?: string }): boolean {
+  if (a.depth !== b.depth || a.present !== b.present || a.zero !== b.zero || a.data !== b.data || a.file !== b.file) return false;
   if (a.start + a.length !== b.start) return false;
   if (a.offset === undefined || b.offset === undefined) return a.offset === b.offset;
   return a.offset + a.length === b.offset;

@@ -67,10 +67,13 @@ export async function copyDisk(source: DiskReader, target: DiskWriter, opts: Pip
   const writeZeroRange = async (offset: number, length: number) => {
     if (sparseSize !== 0) return target.writeZeroes(offset, length);
     // -S 0: the output is fully allocated, zeroes written as data.
-    zeroBuffer ??= Buffer.alloc(Math.min(ZERO_WRITE_CHUNK, chunkSize));
-    for (let pos = offset; pos < offset + length; pos += zeroBuffer.length) {
-      await target.write(pos, zeroBuffer.subarray(0, Math.min(zeroBuffer.length, offset + length - pos)));
+    const zero = (zeroBuffer ??= Buffer.alloc(Math.min(ZERO_WRITE_CHUNK, chunkSize)));
+    // All calls are made before awaiting any, so in-order writers see them in order.
+    const writes: Array<Promise<void>> = [];
+    for (let pos = offset; pos < offset + length; pos += zero.length) {
+      writes.push(target.write(pos, zero.subarray(0, Math.min(zero.length, offset + length - pos))));
     }
+    await Promise.all(writes);
   };
 
   const worker = async () => {
@@ -155,7 +158,11 @@ async function* chunkStream(extents: AsyncIterable<Extent>, total: number, chunk
   else if (covered < total) yield* zeroes(covered, total);
 }
 
-/** Runs writes in sequence order when the writer needs it; otherwise immediately. */
+/**
+ * Starts writes in sequence order when the writer needs it; otherwise immediately. The next write starts
+ * as soon as the previous one has been *called*, not when it completes, so an in-order writer can still
+ * compress several chunks in parallel and append the results in call order.
+ */
 class InOrder {
   private nextSeq = 0;
   private readonly waiting = new Map<number, () => void>();
@@ -165,11 +172,13 @@ class InOrder {
   async run(seq: number, fn: () => Promise<void>): Promise<void> {
     if (!this.enabled) return fn();
     if (seq !== this.nextSeq) await new Promise<void>((resolve) => this.waiting.set(seq, resolve));
+    let started: Promise<void>;
     try {
-      await fn();
+      started = fn();
     } finally {
       this.advance();
     }
+    await started;
   }
 
   skip(seq: number): void {

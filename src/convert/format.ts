@@ -46,8 +46,11 @@ export interface FormatDriver {
   /** Other names accepted on the command line, e.g. "vpc" for vhd. */
   readonly aliases: readonly string[];
   readonly description: string;
-  /** 0 = not this format, 100 = certain. `head` holds at least the first 4 KiB (less for small files). */
-  probe(head: Buffer, fileSize: number): number;
+  /**
+   * 0 = not this format, 100 = certain. `head` holds the first 64 KiB (less for small files); `tail` the
+   * last 512 bytes, for formats identified by a footer (fixed VHD).
+   */
+  probe(head: Buffer, fileSize: number, tail: Buffer): number;
   open(path: string, ctx: OpenContext): Promise<ImageLayer>;
   readonly createOptions: readonly OptionSpec[];
   /** Absent for read-only formats. */

@@ -27,7 +27,9 @@ export async function probeFormat(path: string): Promise<FormatDriver> {
     const { size } = await handle.stat();
     const head = Buffer.alloc(Math.min(size, 64 * 1024));
     await readFully(handle, head, 0, head.length, 0);
-    return probeDriver(head, size);
+    const tail = Buffer.alloc(Math.min(size, 512));
+    await readFully(handle, tail, 0, tail.length, size - tail.length);
+    return probeDriver(head, size, tail);
   } finally {
     await handle.close();
   }

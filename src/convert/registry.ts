@@ -16,11 +16,11 @@ export function findDriver(name: string): FormatDriver {
 }
 
 /** The driver whose probe is most certain about `head`; raw claims anything with the lowest score. */
-export function probeDriver(head: Buffer, fileSize: number): FormatDriver {
+export function probeDriver(head: Buffer, fileSize: number, tail: Buffer): FormatDriver {
   let best = formatDrivers[formatDrivers.length - 1];
   let bestScore = 0;
   for (const d of formatDrivers) {
-    const score = d.probe(head, fileSize);
+    const score = d.probe(head, fileSize, tail);
     if (score > bestScore) {
       best = d;
       bestScore = score;

@@ -22,7 +22,7 @@ describe('hostile qcow2 inputs', () => {
   });
   afterAll(() => cleanup());
 
-  async function expectRefused(name: string, image: Buffer | string, pattern: RegExp): Promise<void> {
+  async function expectRefused(name: string, image: Buffer | string, pattern: RegExp, inputs: string[] = []): Promise<void> {
     const folder = join(dir, name);
     await mkdir(folder, { recursive: true });
     const path = join(folder, 'input.qcow2');
@@ -38,7 +38,7 @@ describe('hostile qcow2 inputs', () => {
     expect(r.maxRssKiB).toBeGreaterThan(0);
     expect(r.maxRssKiB).toBeLessThan(256 * 1024);
     // Nothing left behind: no output, no temporary file.
-    const left = (await readdir(folder)).filter((f) => f !== 'input.qcow2' && !f.endsWith('.raw.base'));
+    const left = (await readdir(folder)).filter((f) => f !== 'input.qcow2' && !inputs.includes(f));
     expect(left).toEqual([]);
   }
 
@@ -143,6 +143,24 @@ describe('hostile qcow2 inputs', () => {
     const img = join(folder, 'input.qcow2');
     await qemuImg('create', '-q', '-f', 'qcow2', '-u', '-b', '../../../../../../../../etc/hostname', '-F', 'raw', img, '1M');
     await expectRefused('rel-backing', img, /outside the image's folder/);
+  });
+
+  it('external data file outside the image folder', async () => {
+    const folder = join(dir, 'data-file');
+    await mkdir(folder, { recursive: true });
+    const img = join(folder, 'input.qcow2');
+    const dataFile = join(folder, 'input.data');
+    await qemuImg('create', '-q', '-f', 'qcow2', '-o', `data_file=${dataFile}`, img, '1M');
+    const b = await (await import('node:fs/promises')).readFile(img);
+    // Rewrite the data file header extension to name /etc/hostname, keeping cluster 0 the same size.
+    const at = b.indexOf(Buffer.from(dataFile));
+    const oldEnd = at + Math.ceil(dataFile.length / 8) * 8;
+    const evil = Buffer.from('/etc/hostname');
+    const length = Buffer.alloc(4);
+    length.writeUInt32BE(evil.length);
+    const cluster0 = Buffer.concat([b.subarray(0, at - 4), length, evil, Buffer.alloc(8 - (evil.length % 8)), b.subarray(oldEnd, 65536)]).subarray(0, 65536);
+    const patchedImage = Buffer.concat([cluster0, Buffer.alloc(65536 - cluster0.length), b.subarray(65536)]);
+    await expectRefused('data-file', patchedImage, /data file '\/etc\/hostname' resolves to \/etc\/hostname, outside the image's folder/, ['input.data']);
   });
 
   it('backing file that points at itself', async () => {

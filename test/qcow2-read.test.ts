@@ -72,6 +72,22 @@ describe('reading qcow2 images produced by qemu-img', () => {
     );
   });
 
+  for (const raw of [true, false]) {
+    it(`reads an image with an external data file (data_file_raw=${raw ? 'on' : 'off'})`, async () => {
+      const image = join(dir, `df-${raw}.qcow2`);
+      // qemu-img create takes the data file name relative to its working directory: give it a full path.
+      await qemuImg('create', '-q', '-f', 'qcow2', '-o', `data_file=${join(dir, `df-${raw}.data`)},data_file_raw=${raw ? 'on' : 'off'}`, image, '16M');
+      await qemuIo(image, 'qcow2', 'write -P 0x12 1M 2M', 'write -P 0x13 9M 64k');
+      const out = join(dir, `df-${raw}.raw`);
+      const r = await ferry(['convert', '-O', 'raw', image, out]);
+      expect(r.stderr).toBe('');
+      expect(await imagesIdentical(image, out)).toBe(true);
+      const ours = JSON.parse((await ferry(['info', '--output=json', image])).stdout);
+      const theirs = JSON.parse(await qemuImg('info', '--output=json', image));
+      expect(ours['format-specific']).toEqual(theirs['format-specific']);
+    });
+  }
+
   it('reads an odd virtual size', async () => {
     const image = join(dir, 'odd.qcow2');
     await qemuImg('create', '-q', '-f', 'qcow2', image, String(10 * 1024 * 1024 + 4096 + 512));

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { convertImage } from '../convert/convert.js';
 import { InvalidOptionError } from '../errors.js';
+import { createLogger } from '../log.js';
 import { parseSize } from '../util/size.js';
 import { collectOptions, parseCount, printOptionsHelp, progressMode } from './common.js';
 import { createProgress } from './progress.js';
@@ -56,5 +57,9 @@ export function registerConvert(program: Command): void {
         },
       });
       progress.done(stats);
+      createLogger('convert').info(
+        { source: src, target: dst, format: o.outputFormat, ...stats, elapsedMs: Math.round(stats.elapsedMs) },
+        'conversion finished',
+      );
     });
 }

@@ -2,11 +2,28 @@ import { randomBytes } from 'node:crypto';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
+interface QueuedWrite {
+  data: Uint8Array;
+  position: number;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+/** Writes merged into one writev at most: bounds the iovec count and the latency of any one write. */
+const MAX_MERGED_WRITES = 64;
+
 /**
  * A file written under a temporary name beside its destination and renamed into place only when complete,
  * so a failed or cancelled conversion never leaves a partial image under the real name.
+ *
+ * Writes go through one lane: buffered writes to one file serialise on the inode lock in the kernel anyway,
+ * and parallel writers only spin on it (measured: a fifth of all CPU time), stealing the core that reads
+ * the source. Writes queued meanwhile at consecutive positions go out as one writev.
  */
 export class OutputFile {
+  private readonly queue: QueuedWrite[] = [];
+  private writing = false;
+
   private constructor(
     readonly finalPath: string,
     readonly tempPath: string,
@@ -23,12 +40,52 @@ export class OutputFile {
     return this.handle.fd;
   }
 
-  /** Writes all of `data` at `position`, retrying short writes. */
-  async writeAt(data: Uint8Array, position: number): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.handle.write(data, done, data.length - done, position + done);
-      done += bytesWritten;
+  /** Writes all of `data` at `position`. The caller must not modify `data` until the promise settles. */
+  writeAt(data: Uint8Array, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ data, position, resolve, reject });
+      if (!this.writing) void this.drain();
+    });
+  }
+
+  private async drain(): Promise<void> {
+    this.writing = true;
+    while (this.queue.length) {
+      const batch = [this.queue.shift()!];
+      let end = batch[0].position + batch[0].data.length;
+      for (let i = 0; i < this.queue.length && batch.length < MAX_MERGED_WRITES; ) {
+        if (this.queue[i].position === end) {
+          const next = this.queue.splice(i, 1)[0];
+          batch.push(next);
+          end += next.data.length;
+          i = 0;
+        } else i++;
+      }
+      try {
+        await this.writeBatch(batch);
+        for (const w of batch) w.resolve();
+      } catch (err) {
+        for (const w of batch) w.reject(err);
+      }
+    }
+    this.writing = false;
+  }
+
+  private async writeBatch(batch: QueuedWrite[]): Promise<void> {
+    let position = batch[0].position;
+    let buffers = batch.map((w) => w.data);
+    while (buffers.length) {
+      let written =
+        buffers.length === 1
+          ? (await this.handle.write(buffers[0], 0, buffers[0].length, position)).bytesWritten
+          : (await this.handle.writev(buffers, position)).bytesWritten;
+      position += written;
+      // Short write: continue after what was written.
+      while (buffers.length && written >= buffers[0].length) {
+        written -= buffers[0].length;
+        buffers = buffers.slice(1);
+      }
+      if (written > 0) buffers[0] = buffers[0].subarray(written);
     }
   }
 

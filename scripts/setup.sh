@@ -9,6 +9,11 @@ PACKAGES=(
   "libzstd-dev:/usr/include/zstd.h" # zstd for the native addon
   "zlib1g-dev:/usr/include/zlib.h"  # deflate for the native addon
   "time:/usr/bin/time"           # peak RSS in benchmarks
+  "zstd:zstd"                    # the ssh|dd|zstd pipeline capture is benchmarked against
+  "redis-server:redis-server"    # BullMQ queues: tests start their own server on a free loopback port
+  "openssh-server:/usr/sbin/sshd" # capture tests start their own sshd on a free loopback port
+  "openssh-client:ssh-keygen"
+  "chromium:chromium"            # the dashboard's browser test (driven by playwright-core, no browser download)
   "make:make"
   "g++:g++"
   "python3:python3"              # node-gyp

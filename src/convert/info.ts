@@ -36,20 +36,18 @@ export async function imageInfo(path: string, opts: InfoOptions = {}): Promise<I
 async function describeLayer(layer: ImageLayer): Promise<ImageInfo> {
   const st = await stat(layer.path);
   const details = layer.details();
-  const info: ImageInfo = {
-    'virtual-size': layer.virtualSize,
-    filename: layer.path,
-    format: layer.format,
-    'actual-size': st.blocks * 512,
-    'dirty-flag': details.dirty ?? false,
-  };
+  // Keys in the order qemu-img prints them, so the JSON reads the same side by side.
+  const info: ImageInfo = { 'virtual-size': layer.virtualSize, filename: layer.path } as ImageInfo;
   if (details.clusterSize) info['cluster-size'] = details.clusterSize;
+  info.format = layer.format;
+  info['actual-size'] = st.blocks * 512;
   if (details.specific) info['format-specific'] = details.specific;
   if (layer.backing) {
     const name = layer.backing.name;
-    info['backing-filename'] = name;
     info['full-backing-filename'] = isAbsolute(name) ? name : resolve(dirname(layer.path), name);
+    info['backing-filename'] = name;
     if (layer.backing.format) info['backing-filename-format'] = layer.backing.format;
   }
+  info['dirty-flag'] = details.dirty ?? false;
   return info;
 }

@@ -35,13 +35,15 @@ export function registerCheck(program: Command): void {
         if (errors) lines.push(`\n${errors} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.`);
         if (r.leakedClusters) lines.push(`\n${r.leakedClusters} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.`);
         if (!errors && !r.leakedClusters) lines.push('No errors were found on the image.');
-        const total = r.totalClusters ?? 0;
-        const alloc = r.allocatedClusters ?? 0;
-        const pct = (n: number, of: number) => (of ? ((n * 100) / of).toFixed(2) : '0.00');
-        lines.push(
-          `${alloc}/${total} = ${pct(alloc, total)}% allocated, ${pct(r.fragmentedClusters ?? 0, alloc)}% fragmented, ${pct(r.compressedClusters ?? 0, alloc)}% compressed clusters`,
-        );
-        lines.push(`Image end offset: ${r.imageEndOffset}`);
+        // Formats that do not count clusters (qemu-img prints nothing here for them either) omit the summary.
+        if (r.totalClusters !== undefined && r.allocatedClusters !== undefined) {
+          const [total, alloc] = [r.totalClusters, r.allocatedClusters];
+          const pct = (n: number, of: number) => (of ? ((n * 100) / of).toFixed(2) : '0.00');
+          lines.push(
+            `${alloc}/${total} = ${pct(alloc, total)}% allocated, ${pct(r.fragmentedClusters ?? 0, alloc)}% fragmented, ${pct(r.compressedClusters ?? 0, alloc)}% compressed clusters`,
+          );
+        }
+        if (r.imageEndOffset !== undefined) lines.push(`Image end offset: ${r.imageEndOffset}`);
         process.stdout.write(lines.join('\n') + '\n');
       }
       process.exitCode = errors ? 2 : r.leakedClusters ? 3 : 0;

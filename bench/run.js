@@ -11,3 +11,4 @@ const runs = Number(value('--runs') ?? 5);
 const only = value('--only');
 
 await runConvertBench({ runs, only });
+await (await import('./jobs.js')).runJobsBench();

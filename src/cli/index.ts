@@ -7,6 +7,8 @@ import { registerConvert } from './convert.js';
 import { registerInfo } from './info.js';
 import { registerMap } from './map.js';
 import { registerMeasure } from './measure.js';
+import { registerServe } from './serve.js';
+import { registerWorker } from './worker.js';
 
 /** Exit status for failures, per command; compare uses 2 like qemu-img, check 1 ("could not run"). */
 const ERROR_EXIT: Record<string, number> = { compare: 2, check: 1 };
@@ -31,6 +33,8 @@ export function buildProgram(): Command {
   registerCompare(program);
   registerMap(program);
   registerMeasure(program);
+  registerServe(program);
+  registerWorker(program);
 
   program
     .command('formats')

@@ -2,11 +2,12 @@ import { UnknownFormatError } from '../errors.js';
 import type { FormatDriver } from './format.js';
 import { qcow2Driver } from './formats/qcow2/index.js';
 import { rawDriver } from './formats/raw.js';
+import { vhdxDriver } from './formats/vhdx/index.js';
 import { vhdDriver } from './formats/vhd/index.js';
 import { vdiDriver } from './formats/vdi/index.js';
 
 /** Every format Ferry knows. Adding a format is its own folder plus one line here. */
-export const formatDrivers: readonly FormatDriver[] = [qcow2Driver, vdiDriver, vhdDriver, rawDriver];
+export const formatDrivers: readonly FormatDriver[] = [qcow2Driver, vdiDriver, vhdDriver, vhdxDriver, rawDriver];
 
 export function findDriver(name: string): FormatDriver {
   const lower = name.toLowerCase();

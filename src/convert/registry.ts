@@ -5,9 +5,10 @@ import { rawDriver } from './formats/raw.js';
 import { vhdxDriver } from './formats/vhdx/index.js';
 import { vhdDriver } from './formats/vhd/index.js';
 import { vdiDriver } from './formats/vdi/index.js';
+import { vmdkDriver } from './formats/vmdk/index.js';
 
 /** Every format Ferry knows. Adding a format is its own folder plus one line here. */
-export const formatDrivers: readonly FormatDriver[] = [qcow2Driver, vdiDriver, vhdDriver, vhdxDriver, rawDriver];
+export const formatDrivers: readonly FormatDriver[] = [qcow2Driver, vdiDriver, vhdDriver, vhdxDriver, vmdkDriver, rawDriver];
 
 export function findDriver(name: string): FormatDriver {
   const lower = name.toLowerCase();

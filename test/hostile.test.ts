@@ -197,6 +197,17 @@ describe('hostile qcow2 inputs', () => {
     expect(r.code).toBe(0);
   });
 
+  it('a FIFO given as the image is refused instead of blocking', async () => {
+    const folder = join(dir, 'fifo');
+    await mkdir(folder, { recursive: true });
+    const fifo = join(folder, 'input.qcow2');
+    const { execFileSync } = await import('node:child_process');
+    execFileSync('mkfifo', [fifo]);
+    const r = await ferry(['convert', '-O', 'raw', fifo, join(folder, 'out.raw')], { timeoutMs: 20_000 });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/not a regular file or block device/);
+  });
+
   it('never opens the source for writing: converting onto the source is refused', async () => {
     const folder = join(dir, 'onto-source');
     await mkdir(folder, { recursive: true });

@@ -40,7 +40,27 @@ function humanInfo(info: ImageInfo): string {
   const specific = info['format-specific'];
   if (specific) {
     lines.push('Format specific information:');
-    for (const [k, v] of Object.entries(specific.data)) lines.push(`    ${k.replace(/-/g, ' ')}: ${v}`);
+    appendFields(lines, specific.data, 1);
   }
   return lines.join('\n') + '\n';
+}
+
+/** Nested values (VMDK extents) are printed as indented lists, the way qemu-img prints them. */
+function appendFields(lines: string[], data: Record<string, unknown>, depth: number): void {
+  const pad = '    '.repeat(depth);
+  for (const [key, value] of Object.entries(data)) {
+    const label = key.replace(/-/g, ' ');
+    if (Array.isArray(value)) {
+      lines.push(`${pad}${label}:`);
+      value.forEach((item, i) => {
+        if (item !== null && typeof item === 'object') {
+          lines.push(`${pad}    [${i}]:`);
+          appendFields(lines, item as Record<string, unknown>, depth + 2);
+        } else lines.push(`${pad}    [${i}]: ${item}`);
+      });
+    } else if (value !== null && typeof value === 'object') {
+      lines.push(`${pad}${label}:`);
+      appendFields(lines, value as Record<string, unknown>, depth + 1);
+    } else lines.push(`${pad}${label}: ${value}`);
+  }
 }

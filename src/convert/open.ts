@@ -1,7 +1,7 @@
 import { constants } from 'node:fs';
-import { access, open as openFile, realpath } from 'node:fs/promises';
+import { access, open as openFile, realpath, stat } from 'node:fs/promises';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
-import { CorruptImageError, UnsafeReferenceError } from '../errors.js';
+import { CorruptImageError, UnsafeReferenceError, UnsupportedFeatureError } from '../errors.js';
 import { DiskChain } from './disk-chain.js';
 import type { ImageLayer } from './disk.js';
 import type { FormatDriver, OpenContext } from './format.js';
@@ -20,8 +20,20 @@ export interface OpenOptions {
 /** Chains deeper than this are refused: QEMU's own limit is similar, and it bounds hostile recursion. */
 export const MAX_CHAIN_DEPTH = 64;
 
+/**
+ * Refuses what is neither a regular file nor a block device before anything opens it: opening a FIFO
+ * would block for ever, and a directory or socket is never an image.
+ */
+export async function assertImageFile(path: string): Promise<void> {
+  const st = await stat(path);
+  if (!st.isFile() && !st.isBlockDevice()) {
+    throw new UnsupportedFeatureError('not a regular file or block device', { file: path, field: 'file type' });
+  }
+}
+
 /** Detects a file's format from its first bytes. */
 export async function probeFormat(path: string): Promise<FormatDriver> {
+  await assertImageFile(path);
   const handle = await openFile(path, 'r');
   try {
     const { size } = await handle.stat();
@@ -77,6 +89,7 @@ export async function openDisk(path: string, opts: OpenOptions = {}): Promise<Di
       if (seen.has(real)) throw new UnsafeReferenceError(`backing chain loops back to ${currentPath}`, { file: layers[layers.length - 1]?.path ?? path, field: 'backing_file' });
       seen.add(real);
       if (layers.length >= MAX_CHAIN_DEPTH) throw new UnsafeReferenceError(`backing chain deeper than ${MAX_CHAIN_DEPTH}`, { file: path, field: 'backing_file' });
+      await assertImageFile(currentPath);
       const driver = format ? findDriver(format) : await probeFormat(currentPath);
       const layer = await driver.open(currentPath, ctx);
       layers.push(layer);

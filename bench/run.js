@@ -12,3 +12,4 @@ const only = value('--only');
 
 await runConvertBench({ runs, only });
 await (await import('./jobs.js')).runJobsBench();
+await (await import('./capture.js')).runCaptureBench({ runs: Math.min(runs, 3) });

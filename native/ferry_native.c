@@ -3,6 +3,7 @@
  * - read + zero detection in one thread-pool task, so the data is scanned while still in cache
  * - batch compression/decompression of clusters off the main thread (zlib, zstd)
  * - CRC-32C
+ * - XXH64 chunk hashes (the same definition the capture agent uses on the source, native/xxh64.h)
  * Every async call returns a promise and does all its work in one libuv worker task, so callers
  * pay one promise per multi-megabyte batch, never one per block. */
 #include <errno.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 #include <node_api.h>
 #include "ferry_native.h"
+#include "xxh64.h"
 
 #define CHECK(call)                                                          \
   do {                                                                       \
@@ -331,6 +333,45 @@ static napi_value decompress_blocks(napi_env env, napi_callback_info info) {
   return queue(env, t, "ferry.decompressBlocks");
 }
 
+/* ---- chunk hashes ---- */
+
+static void run_hash_blocks(task *t) {
+  size_t n = (t->len + t->cluster - 1) / t->cluster;
+  for (size_t i = 0; i < n; i++) {
+    size_t off = i * t->cluster;
+    size_t len = t->len - off < t->cluster ? t->len - off : t->cluster;
+    ferry_put_le64(t->out + i * 8, ferry_xxh64(t->buf + off, len, 0));
+  }
+  t->bytes = n;
+}
+
+/* hashBlocks(buffer, length, blockSize, out) -> Promise<number of hashes>
+ * XXH64 of each blockSize piece of buffer[0, length) (the last may be shorter), as 8 little-endian bytes
+ * per piece into out. */
+static napi_value hash_blocks(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  task *t = calloc(1, sizeof *t);
+  size_t cap, out_len;
+  if (!t || arg_buffer(env, argv[0], &t->buf, &cap) || arg_buffer(env, argv[3], &t->out, &out_len)) {
+    free(t);
+    napi_throw_type_error(env, NULL, "hashBlocks: buffers expected");
+    return NULL;
+  }
+  int64_t len = arg_i64(env, argv[1]), block = arg_i64(env, argv[2]);
+  if (len < 0 || block <= 0 || (size_t)len > cap || ((size_t)len + (size_t)block - 1) / (size_t)block * 8 > out_len) {
+    free(t);
+    napi_throw_range_error(env, NULL, "hashBlocks: length, block size or output buffer out of range");
+    return NULL;
+  }
+  t->len = (size_t)len;
+  t->cluster = (size_t)block;
+  t->run = run_hash_blocks;
+  if (keep(env, t, argv[0]) || keep(env, t, argv[3])) return NULL;
+  return queue(env, t, "ferry.hashBlocks");
+}
+
 /* ---- synchronous helpers ---- */
 
 /* dataSegments(fd, start, end, maxSegments) -> Float64Array [s0, e0, s1, e1, ..., resumeAt]
@@ -412,6 +453,21 @@ static napi_value crc32c(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* xxh64(buffer) -> bigint, synchronous, for small buffers and tests. */
+static napi_value xxh64(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  uint8_t *p;
+  size_t len;
+  if (arg_buffer(env, argv[0], &p, &len)) {
+    napi_throw_type_error(env, NULL, "xxh64: buffer expected");
+    return NULL;
+  }
+  CHECK(napi_create_bigint_uint64(env, ferry_xxh64(p, len, 0), &result));
+  return result;
+}
+
 /* isZero(buffer) -> boolean, synchronous, for small buffers. */
 static napi_value is_zero(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -428,6 +484,358 @@ static napi_value is_zero(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* ---- live migration: page digests, scattered page reads, page batch encoding ----
+ * Pages are digested with XXH64 (xxh64.h): the whole-memory equality proof at switchover and the hash-compare
+ * dirty tracker both need a 64-bit digest, since a 32-bit one lets a changed page pass for unchanged once in 4e9. */
+
+static inline void put_digest(uint32_t *out, size_t i, uint64_t d) {
+  out[i * 2] = (uint32_t)d;
+  out[i * 2 + 1] = (uint32_t)(d >> 32);
+}
+
+static int pread_full(int fd, uint8_t *buf, size_t len, int64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = pread(fd, buf + done, len - done, pos + (int64_t)done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO; /* the file is shorter than the memory it backs */
+    done += (size_t)n;
+  }
+  return 0;
+}
+
+static int pwrite_full(int fd, const uint8_t *buf, size_t len, int64_t pos) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = pwrite(fd, buf + done, len - done, pos + (int64_t)done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    done += (size_t)n;
+  }
+  return 0;
+}
+
+/* Extra inputs of the page tasks; `base` comes first so complete() frees the whole struct. */
+typedef struct {
+  task base;
+  uint32_t *indices; /* page numbers of the batch */
+  uint8_t *cache;    /* encode: arena of previously sent pages, `slots` pages */
+  int32_t *tags;     /* encode: page number held by each cache slot, -1 when empty */
+  size_t slots;
+  int insert_new;    /* encode: also cache pages not cached yet */
+  uint32_t *meta;    /* per page: kind, size, digest low, digest high */
+} page_task;
+
+enum { PAGE_ZERO = 0, PAGE_RAW = 1, PAGE_ZSTD = 2, PAGE_DELTA = 3 };
+
+/* The file is read in chunks of this many bytes when hashing. */
+#define HASH_CHUNK (1u << 20)
+
+static void run_hash_file_pages(task *t) {
+  size_t page = t->gran, per_chunk = HASH_CHUNK / page ? HASH_CHUNK / page : 1;
+  uint8_t *buf = malloc(per_chunk * page);
+  if (!buf) {
+    t->err = ENOMEM;
+    return;
+  }
+  uint32_t *out = (uint32_t *)t->out;
+  for (size_t first = 0; first < t->count; first += per_chunk) {
+    size_t n = t->count - first < per_chunk ? t->count - first : per_chunk;
+    int rc = pread_full(t->fd, buf, n * page, t->pos + (int64_t)(first * page));
+    if (rc) {
+      t->err = rc;
+      break;
+    }
+    for (size_t i = 0; i < n; i++) put_digest(out, first + i, ferry_xxh64(buf + i * page, page, 0));
+  }
+  free(buf);
+}
+
+/* hashFilePages(fd, position, pageSize, count, out: Uint32Array[count*2]) -> Promise<number>
+ * XXH64 of each page of a file range, as (low, high) 32-bit pairs. */
+static napi_value hash_file_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  task *t = calloc(1, sizeof *t);
+  size_t out_len;
+  if (!t || arg_buffer(env, argv[4], &t->out, &out_len)) {
+    free(t);
+    napi_throw_type_error(env, NULL, "hashFilePages: Uint32Array expected");
+    return NULL;
+  }
+  t->fd = (int)arg_i64(env, argv[0]);
+  t->pos = arg_i64(env, argv[1]);
+  t->gran = (size_t)arg_i64(env, argv[2]);
+  t->count = (size_t)arg_i64(env, argv[3]);
+  if (t->gran == 0 || t->count * 8 > out_len) {
+    free(t);
+    napi_throw_range_error(env, NULL, "hashFilePages: digest array too small");
+    return NULL;
+  }
+  t->run = run_hash_file_pages;
+  if (keep(env, t, argv[4]) != 0) return NULL;
+  return queue(env, t, "ferry.hashFilePages");
+}
+
+static void run_pread_pages(task *t) {
+  page_task *pt = (page_task *)t;
+  size_t page = t->gran;
+  for (size_t i = 0; i < t->count;) {
+    /* Contiguous page numbers become one pread. */
+    size_t run = 1;
+    while (i + run < t->count && pt->indices[i + run] == pt->indices[i] + run) run++;
+    int rc = pread_full(t->fd, t->out + i * page, run * page, (int64_t)pt->indices[i] * (int64_t)page);
+    if (rc) {
+      t->err = rc;
+      return;
+    }
+    i += run;
+  }
+  t->bytes = t->count * page;
+}
+
+/* preadPages(fd, pageSize, indices: Uint32Array, count, out) -> Promise<number>
+ * Reads pages indices[0..count) of a file into out, back to back. */
+static napi_value pread_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  page_task *pt = calloc(1, sizeof *pt);
+  task *t = &pt->base;
+  size_t idx_len, out_len;
+  uint8_t *idx_p;
+  if (!pt || arg_buffer(env, argv[2], &idx_p, &idx_len) || arg_buffer(env, argv[4], &t->out, &out_len)) {
+    free(pt);
+    napi_throw_type_error(env, NULL, "preadPages: buffers expected");
+    return NULL;
+  }
+  pt->indices = (uint32_t *)idx_p;
+  t->fd = (int)arg_i64(env, argv[0]);
+  t->gran = (size_t)arg_i64(env, argv[1]);
+  t->count = (size_t)arg_i64(env, argv[3]);
+  if (t->gran == 0 || t->count * 4 > idx_len || t->count * t->gran > out_len) {
+    free(pt);
+    napi_throw_range_error(env, NULL, "preadPages: buffers too small");
+    return NULL;
+  }
+  t->run = run_pread_pages;
+  if (keep(env, t, argv[2]) || keep(env, t, argv[4])) return NULL;
+  return queue(env, t, "ferry.preadPages");
+}
+
+static void run_encode_pages(task *t) {
+  page_task *pt = (page_task *)t;
+  size_t page = t->gran, out_pos = 0;
+  uint8_t *scratch = malloc(page * 2);
+  if (!scratch) {
+    t->err = ENOMEM;
+    return;
+  }
+  uint8_t *xor_buf = scratch, *packed = scratch + page;
+  for (size_t i = 0; i < t->count; i++) {
+    const uint8_t *src = t->buf + i * page;
+    uint32_t idx = pt->indices[i];
+    uint32_t *meta = pt->meta + i * 4;
+    uint64_t digest = ferry_xxh64(src, page, 0);
+    put_digest(pt->meta, i * 2 + 1, digest); /* meta[2], meta[3] */
+    size_t slot = pt->slots ? idx % pt->slots : 0;
+    int cached = pt->slots && pt->tags[slot] == (int32_t)idx;
+    if (src[0] == 0 && memcmp(src, src + 1, page - 1) == 0) {
+      meta[0] = PAGE_ZERO;
+      meta[1] = 0;
+      if (cached) pt->tags[slot] = -1;
+      continue;
+    }
+    uint32_t kind = PAGE_RAW;
+    size_t size = page;
+    size_t same_words = 0;
+    if (cached) {
+      const uint8_t *prev = pt->cache + slot * page;
+      for (size_t b = 0; b < page; b += 8) {
+        uint64_t x = ferry_xxh_read64(src + b) ^ ferry_xxh_read64(prev + b);
+        same_words += x == 0;
+        memcpy(xor_buf + b, &x, 8);
+      }
+    }
+    /* A page rewritten nearly everywhere makes no delta worth compressing: skip the attempt. */
+    if (cached && same_words * 4 >= page / 8) {
+      long n = ferry_compress(FERRY_CODEC_ZSTD, t->level, xor_buf, page, packed, page - 1);
+      if (n < 0) goto fail;
+      if (n > 0) {
+        kind = PAGE_DELTA;
+        size = (size_t)n;
+        memcpy(t->out + out_pos, packed, size);
+      }
+    }
+    /* A delta under an eighth of a page is as good as it gets: skip compressing the page itself. */
+    if (size > page / 8) {
+      long n = ferry_compress(FERRY_CODEC_ZSTD, t->level, src, page, packed, size - 1);
+      if (n < 0) goto fail;
+      if (n > 0) {
+        kind = PAGE_ZSTD;
+        size = (size_t)n;
+        memcpy(t->out + out_pos, packed, size);
+      }
+    }
+    if (kind == PAGE_RAW) memcpy(t->out + out_pos, src, page);
+    meta[0] = kind;
+    meta[1] = (uint32_t)size;
+    out_pos += size;
+    /* The cache must hold exactly what the destination holds, so a cached page is always refreshed. */
+    if (cached || (pt->slots && pt->insert_new)) {
+      memcpy(pt->cache + slot * page, src, page);
+      pt->tags[slot] = (int32_t)idx;
+    }
+  }
+  free(scratch);
+  t->bytes = out_pos;
+  return;
+fail:
+  free(scratch);
+  snprintf(t->message, sizeof t->message, "page compression failed");
+}
+
+/* encodePages(src, pageSize, count, indices: Uint32Array, cache: Buffer, tags: Int32Array, insertNew, level,
+ *             out, meta: Uint32Array[count*4]) -> Promise<number bytes written to out>
+ * Page i of src (page number indices[i]) becomes the smallest of: nothing (zero page), its zstd frame, the
+ * zstd frame of its XOR with the cached previously sent version (a delta), or itself. meta[i] = kind, size,
+ * XXH64 low, high. Cache slot = page number mod slots; pass empty cache/tags to disable deltas. */
+static napi_value encode_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 10;
+  napi_value argv[10];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  page_task *pt = calloc(1, sizeof *pt);
+  task *t = &pt->base;
+  size_t src_len, idx_len, cache_len, tags_len, out_len, meta_len;
+  uint8_t *idx_p, *tags_p, *meta_p;
+  if (!pt || arg_buffer(env, argv[0], &t->buf, &src_len) || arg_buffer(env, argv[3], &idx_p, &idx_len) ||
+      arg_buffer(env, argv[4], &pt->cache, &cache_len) || arg_buffer(env, argv[5], &tags_p, &tags_len) ||
+      arg_buffer(env, argv[8], &t->out, &out_len) || arg_buffer(env, argv[9], &meta_p, &meta_len)) {
+    free(pt);
+    napi_throw_type_error(env, NULL, "encodePages: buffers expected");
+    return NULL;
+  }
+  bool insert_new = false;
+  napi_get_value_bool(env, argv[6], &insert_new);
+  pt->indices = (uint32_t *)idx_p;
+  pt->tags = (int32_t *)tags_p;
+  pt->meta = (uint32_t *)meta_p;
+  pt->insert_new = insert_new;
+  t->gran = (size_t)arg_i64(env, argv[1]);
+  t->count = (size_t)arg_i64(env, argv[2]);
+  t->level = (int)arg_i64(env, argv[7]);
+  pt->slots = t->gran ? cache_len / t->gran : 0;
+  if (pt->slots > tags_len / 4) pt->slots = tags_len / 4;
+  if (t->gran < 64 || t->gran % 8 || t->count * t->gran > src_len || t->count * 4 > idx_len ||
+      t->count * t->gran > out_len || t->count * 16 > meta_len) {
+    free(pt);
+    napi_throw_range_error(env, NULL, "encodePages: buffers too small");
+    return NULL;
+  }
+  t->run = run_encode_pages;
+  if (keep(env, t, argv[0]) || keep(env, t, argv[3]) || keep(env, t, argv[4]) || keep(env, t, argv[5]) ||
+      keep(env, t, argv[8]) || keep(env, t, argv[9]))
+    return NULL;
+  return queue(env, t, "ferry.encodePages");
+}
+
+static void run_apply_pages(task *t) {
+  page_task *pt = (page_task *)t;
+  size_t page = t->gran, in_pos = 0;
+  uint8_t *scratch = malloc(page * 2);
+  if (!scratch) {
+    t->err = ENOMEM;
+    return;
+  }
+  uint8_t *data = scratch, *xor_buf = scratch + page;
+  for (size_t i = 0; i < t->count; i++) {
+    uint32_t *meta = pt->meta + i * 4;
+    uint32_t kind = meta[0];
+    size_t size = meta[1];
+    int64_t pos = (int64_t)pt->indices[i] * (int64_t)page;
+    if (in_pos + size > t->len) {
+      snprintf(t->message, sizeof t->message, "page %zu of the batch runs past its payload", i);
+      goto out;
+    }
+    const uint8_t *in = t->buf + in_pos;
+    int rc = 0;
+    switch (kind) {
+      case PAGE_ZERO:
+        memset(data, 0, page);
+        break;
+      case PAGE_RAW:
+        if (size != page) goto corrupt;
+        memcpy(data, in, page);
+        break;
+      case PAGE_ZSTD:
+        if (ferry_decompress(FERRY_CODEC_ZSTD, in, size, data, page) != 0) goto corrupt;
+        break;
+      case PAGE_DELTA:
+        /* The base is the version the destination already holds: its own copy of the page. */
+        if ((rc = pread_full(t->fd, data, page, pos))) break;
+        if (ferry_decompress(FERRY_CODEC_ZSTD, in, size, xor_buf, page) != 0) goto corrupt;
+        for (size_t b = 0; b < page; b += 8) {
+          uint64_t x = ferry_xxh_read64(data + b) ^ ferry_xxh_read64(xor_buf + b);
+          memcpy(data + b, &x, 8);
+        }
+        break;
+      default:
+        goto corrupt;
+    }
+    if (rc || (rc = pwrite_full(t->fd, data, page, pos))) {
+      t->err = rc;
+      goto out;
+    }
+    put_digest(pt->meta, i * 2 + 1, ferry_xxh64(data, page, 0));
+    in_pos += size;
+    continue;
+  corrupt:
+    snprintf(t->message, sizeof t->message, "page %zu of the batch (kind %u, %zu bytes) is corrupt", i, kind, size);
+    goto out;
+  }
+  t->bytes = in_pos;
+out:
+  free(scratch);
+}
+
+/* applyPages(fd, pageSize, count, indices: Uint32Array, payload, meta: Uint32Array[count*4]) -> Promise<number>
+ * Decodes a batch made by encodePages (meta[i] = kind, size) and writes each page at its place in the file;
+ * fills meta[i*4+2..3] with the XXH64 of the page as written. */
+static napi_value apply_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  page_task *pt = calloc(1, sizeof *pt);
+  task *t = &pt->base;
+  size_t idx_len, meta_len;
+  uint8_t *idx_p, *meta_p;
+  if (!pt || arg_buffer(env, argv[3], &idx_p, &idx_len) || arg_buffer(env, argv[4], &t->buf, &t->len) ||
+      arg_buffer(env, argv[5], &meta_p, &meta_len)) {
+    free(pt);
+    napi_throw_type_error(env, NULL, "applyPages: buffers expected");
+    return NULL;
+  }
+  pt->indices = (uint32_t *)idx_p;
+  pt->meta = (uint32_t *)meta_p;
+  t->fd = (int)arg_i64(env, argv[0]);
+  t->gran = (size_t)arg_i64(env, argv[1]);
+  t->count = (size_t)arg_i64(env, argv[2]);
+  if (t->gran < 64 || t->gran % 8 || t->count * 4 > idx_len || t->count * 16 > meta_len) {
+    free(pt);
+    napi_throw_range_error(env, NULL, "applyPages: buffers too small");
+    return NULL;
+  }
+  t->run = run_apply_pages;
+  if (keep(env, t, argv[3]) || keep(env, t, argv[4]) || keep(env, t, argv[5])) return NULL;
+  return queue(env, t, "ferry.applyPages");
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"preadScan", NULL, pread_scan, NULL, NULL, NULL, napi_default, NULL},
@@ -438,6 +846,12 @@ static napi_value init(napi_env env, napi_value exports) {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
       {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
       {"isZero", NULL, is_zero, NULL, NULL, NULL, napi_default, NULL},
+      {"hashFilePages", NULL, hash_file_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"preadPages", NULL, pread_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"encodePages", NULL, encode_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"applyPages", NULL, apply_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"hashBlocks", NULL, hash_blocks, NULL, NULL, NULL, napi_default, NULL},
+      {"xxh64", NULL, xxh64, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   return exports;

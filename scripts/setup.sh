@@ -17,6 +17,22 @@ PACKAGES=(
   "make:make"
   "g++:g++"
   "python3:python3"              # node-gyp
+  "qemu-system-x86:qemu-system-x86_64" # live migration tests and benchmark (TCG guests)
+  "busybox-static:/usr/share/doc/busybox-static" # the test guests' userland (/bin/busybox, static)
+  "linux-image-amd64:/usr/share/doc/linux-image-amd64" # the test guests' kernel (/boot/vmlinuz-*; a metapackage, so probed by its doc folder)
+  "cpio:cpio"                    # the test guests' initramfs
+  "gcc:gcc"                      # the test guests' workload (static)
+  "libguestfs-tools:guestfish"   # driver injection: one libguestfs appliance per inspect/inject (uses /boot/vmlinuz-*)
+  "libhivex-bin:hivexget"        # driver injection: Windows registry hives (tests read them back with hivexget)
+  "libwin-hivex-perl:hivexregedit" # driver injection: registry changes merged as .reg files
+  "ntfs-3g:ntfscat"              # driver injection tests: synthetic NTFS images (mkntfs), read back with ntfscat
+  "debootstrap:debootstrap"      # driver injection tests: the Debian guest fixture
+  "grub-pc-bin:/usr/lib/grub/i386-pc/boot.img" # driver injection tests: GRUB for the Debian guest fixture (grub-mkimage)
+  "e2fsprogs:mkfs.ext4"          # driver injection tests: the fixture's root filesystem (mkfs.ext4 -d)
+  "fdisk:sfdisk"                 # driver injection tests: partition tables on image files
+  "initramfs-tools-core:lsinitramfs" # driver injection tests: an independent reader of initramfs images
+  "virt-v2v:virt-v2v-in-place"   # driver injection benchmark: the peer Ferry is measured against
+  "nbdkit:nbdkit"                # virt-v2v-in-place -i disk reads the disk through nbdkit
 )
 
 missing=()

@@ -1,6 +1,6 @@
 /**
  * Typed access to native/ferry_native.c: what Node 20 lacks (SEEK_DATA/SEEK_HOLE, hole punching, CRC-32C,
- * zstd) or cannot do off the main thread in large batches (read + zero scan, block (de)compression).
+ * zstd) or cannot do off the main thread in large batches (read + zero scan, block (de)compression, chunk hashes).
  */
 import { createRequire } from 'node:module';
 
@@ -37,6 +37,37 @@ interface FerryNative {
   punchHole(fd: number, offset: number, length: number): boolean;
   crc32c(data: Uint8Array, initial?: number): number;
   isZero(data: Uint8Array): boolean;
+  /**
+   * XXH64 (seed 0) of each `blockSize` piece of buffer[0, length), the last piece possibly shorter, as 8
+   * little-endian bytes per piece into `out`. Resolves to the number of hashes. The capture agent computes
+   * the same hashes on the source (native/xxh64.h).
+   */
+  hashBlocks(buffer: Uint8Array, length: number, blockSize: number, out: Uint8Array): Promise<number>;
+  /** XXH64 (seed 0) of a small buffer, synchronously. */
+  xxh64(data: Uint8Array): bigint;
+  /** XXH64 of each page of the file range [position, position + pageSize*count), as (low, high) pairs in out. */
+  hashFilePages(fd: number, position: number, pageSize: number, count: number, out: Uint32Array): Promise<number>;
+  /** Reads pages indices[0..count) of a file back to back into out (contiguous pages in one pread). */
+  preadPages(fd: number, pageSize: number, indices: Uint32Array, count: number, out: Uint8Array): Promise<number>;
+  /**
+   * Encodes pages for live migration; resolves to the bytes written to out. Per page, meta holds kind
+   * (LivePageKind), encoded size and the XXH64 of the page (low, high). Deltas are taken against `cache`
+   * (slot = page number mod slots, tags = page held by each slot or -1); pass empty cache and tags for none.
+   */
+  encodePages(
+    src: Uint8Array,
+    pageSize: number,
+    count: number,
+    indices: Uint32Array,
+    cache: Uint8Array,
+    tags: Int32Array,
+    insertNew: boolean,
+    level: number,
+    out: Uint8Array,
+    meta: Uint32Array,
+  ): Promise<number>;
+  /** Decodes a batch from encodePages into the file at each page's place; fills the XXH64 of each written page into meta. */
+  applyPages(fd: number, pageSize: number, count: number, indices: Uint32Array, payload: Uint8Array, meta: Uint32Array): Promise<number>;
 }
 
 const require = createRequire(import.meta.url);

@@ -1,6 +1,7 @@
 import { Command, CommanderError } from 'commander';
 import { FerryError, errorMessage } from '../errors.js';
 import { formatDrivers } from '../convert/registry.js';
+import { registerCapture } from './capture.js';
 import { registerCheck } from './check.js';
 import { registerCompare } from './compare.js';
 import { registerConvert } from './convert.js';
@@ -33,6 +34,7 @@ export function buildProgram(): Command {
   registerCompare(program);
   registerMap(program);
   registerMeasure(program);
+  registerCapture(program);
   registerServe(program);
   registerWorker(program);
 

@@ -1,0 +1,73 @@
+import type { Readable } from 'node:stream';
+import { checkPayloadLength, decodeHeader, HEADER_SIZE, ProtocolError, type FrameHeader } from './protocol.js';
+
+export interface Frame {
+  header: FrameHeader;
+  payload: Buffer;
+}
+
+/**
+ * Pulls whole frames off a byte stream. It reads only as fast as frames are consumed, so a slow writer
+ * (or the rate limiter) stalls the stream, and SSH flow control stalls the agent: memory stays at the
+ * stream's buffer plus one frame, and a frame is never larger than checkPayloadLength allows.
+ */
+export class FrameReader {
+  private readonly pieces: Buffer[] = [];
+  private buffered = 0;
+  private readonly source: AsyncIterator<Buffer>;
+
+  constructor(
+    stream: Readable,
+    private readonly describeSource: string,
+  ) {
+    this.source = stream[Symbol.asyncIterator]();
+  }
+
+  /** The next frame, or undefined when the stream ended cleanly between frames. */
+  async next(): Promise<Frame | undefined> {
+    if (!(await this.fill(HEADER_SIZE, true))) return undefined;
+    const header = decodeHeader(this.take(HEADER_SIZE));
+    checkPayloadLength(header);
+    await this.fill(header.payloadLength, false);
+    return { header, payload: this.take(header.payloadLength) };
+  }
+
+  private async fill(n: number, endAllowed: boolean): Promise<boolean> {
+    while (this.buffered < n) {
+      const { value, done } = await this.source.next();
+      if (done) {
+        if (endAllowed && this.buffered === 0) return false;
+        throw new ProtocolError(`${this.describeSource} closed in the middle of a frame`);
+      }
+      const piece = Buffer.isBuffer(value) ? value : Buffer.from(value);
+      this.pieces.push(piece);
+      this.buffered += piece.length;
+    }
+    return true;
+  }
+
+  private take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.pieces[0];
+    if (first.length >= n) {
+      // The common case for headers and small frames: no copy.
+      const out = first.subarray(0, n);
+      if (first.length === n) this.pieces.shift();
+      else this.pieces[0] = first.subarray(n);
+      this.buffered -= n;
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let at = 0;
+    while (at < n) {
+      const piece = this.pieces[0];
+      const used = Math.min(piece.length, n - at);
+      piece.copy(out, at, 0, used);
+      at += used;
+      if (used === piece.length) this.pieces.shift();
+      else this.pieces[0] = piece.subarray(used);
+    }
+    this.buffered -= n;
+    return out;
+  }
+}

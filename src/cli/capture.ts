@@ -1,9 +1,8 @@
 import type { Command } from 'commander';
-import { captureDisk, captureMachine, type DiskSettings, type HostKeySettings, type TransferSettings } from '../capture/capture.js';
+import type { DiskSettings, HostKeySettings, TransferSettings } from '../capture/capture.js';
 import type { CaptureProgress, CaptureResult } from '../capture/session.js';
-import { parseSshUrl, type SshAuth } from '../capture/ssh-connection.js';
+import type { SshAuth } from '../capture/ssh-connection.js';
 import { InvalidOptionError } from '../errors.js';
-import { createLogger } from '../log.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { collectOptions, parseCount, printOptionsHelp, progressMode } from './common.js';
 import type { ProgressMode } from './progress.js';
@@ -48,6 +47,12 @@ export function registerCapture(program: Command): void {
     .option('--progress <mode>', 'progress output: bar (stderr) or json (JSON lines on stdout)')
     .option('-q, --quiet', 'no progress output')
     .action(async (sourceUrl: string, dest: string | undefined, o) => {
+      // Loaded here, not at start-up: ssh2 and the capture stack would slow every other command.
+      const [{ captureDisk, captureMachine }, { parseSshUrl }, { createLogger }] = await Promise.all([
+        import('../capture/capture.js'),
+        import('../capture/ssh-connection.js'),
+        import('../log.js'),
+      ]);
       if (printOptionsHelp(o.outputFormat, o.options)) return;
       const target = parseSshUrl(sourceUrl);
       const log = createLogger('capture');

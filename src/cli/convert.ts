@@ -1,7 +1,6 @@
 import type { Command } from 'commander';
 import { convertImage } from '../convert/convert.js';
 import { InvalidOptionError } from '../errors.js';
-import { createLogger } from '../log.js';
 import { parseSize } from '../util/size.js';
 import { collectOptions, parseCount, printOptionsHelp, progressMode } from './common.js';
 import { createProgress } from './progress.js';
@@ -57,6 +56,7 @@ export function registerConvert(program: Command): void {
         },
       });
       progress.done(stats);
+      const { createLogger } = await import('../log.js');
       createLogger('convert').info(
         { source: src, target: dst, format: o.outputFormat, ...stats, elapsedMs: Math.round(stats.elapsedMs) },
         'conversion finished',

@@ -12,4 +12,5 @@ const only = value('--only');
 
 await runConvertBench({ runs, only });
 await (await import('./jobs.js')).runJobsBench();
+await (await import('./live.js')).runLiveBench();
 await (await import('./capture.js')).runCaptureBench({ runs: Math.min(runs, 3) });

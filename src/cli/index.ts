@@ -8,6 +8,7 @@ import { registerConvert } from './convert.js';
 import { registerInfo } from './info.js';
 import { registerMap } from './map.js';
 import { registerMeasure } from './measure.js';
+import { registerMigrate } from './migrate.js';
 import { registerServe } from './serve.js';
 import { registerWorker } from './worker.js';
 
@@ -34,6 +35,7 @@ export function buildProgram(): Command {
   registerCompare(program);
   registerMap(program);
   registerMeasure(program);
+  registerMigrate(program);
   registerCapture(program);
   registerServe(program);
   registerWorker(program);

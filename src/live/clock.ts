@@ -1,0 +1,80 @@
+import { setTimeout as delay } from 'node:timers/promises';
+import type { Clock, Pacer } from './types.js';
+
+export const wallClock: Clock = {
+  now: () => performance.now(),
+  sleep: (ms) => (ms > 0 ? delay(ms) : Promise.resolve()),
+};
+
+/**
+ * Simulated time: sleeping advances the clock at once. The simulation has one actor (the engine), so
+ * "advance and continue" is exact; work that takes time (sending over the modelled link) calls advance().
+ */
+export class VirtualClock implements Clock {
+  private t = 0;
+  now(): number {
+    return this.t;
+  }
+  sleep(ms: number): Promise<void> {
+    this.advance(ms);
+    return Promise.resolve();
+  }
+  advance(ms: number): void {
+    if (ms > 0) this.t += ms;
+  }
+}
+
+/**
+ * Holds the sender to a rate (bytes per second) with a token bucket that allows a 20 ms burst. Records
+ * the time it spent waiting, so the engine can tell link capacity (busy time) from imposed pacing.
+ */
+export class RateLimiter implements Pacer {
+  private rate = Infinity;
+  private allowance = 0;
+  private last: number;
+  /** Milliseconds spent waiting since the last takeWaited(). */
+  private waited = 0;
+
+  constructor(private readonly clock: Clock) {
+    this.last = clock.now();
+  }
+
+  setRate(bytesPerSecond: number): void {
+    this.refill();
+    this.rate = bytesPerSecond;
+    this.allowance = Math.min(this.allowance, this.burst());
+  }
+
+  get currentRate(): number {
+    return this.rate;
+  }
+
+  async consume(bytes: number): Promise<void> {
+    if (this.rate === Infinity) return;
+    this.refill();
+    this.allowance -= bytes;
+    if (this.allowance < 0) {
+      const ms = (-this.allowance / this.rate) * 1000;
+      this.waited += ms;
+      await this.clock.sleep(ms);
+      this.refill();
+    }
+  }
+
+  /** Milliseconds spent waiting since the previous call. */
+  takeWaited(): number {
+    const w = this.waited;
+    this.waited = 0;
+    return w;
+  }
+
+  private burst(): number {
+    return this.rate === Infinity ? 0 : this.rate * 0.02;
+  }
+
+  private refill(): void {
+    const now = this.clock.now();
+    if (this.rate !== Infinity) this.allowance = Math.min(this.burst(), this.allowance + ((now - this.last) / 1000) * this.rate);
+    this.last = now;
+  }
+}

@@ -1,0 +1,238 @@
+import { randomFillSync } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import { native } from '../src/native.js';
+import { MigrationPolicy, type RoundObservation } from '../src/live/policy.js';
+import { simulateMigration, measureEncoding, type LinkModel } from '../src/live/simulate.js';
+import { CLARK_WORKLOADS, hotSetModel, uniformModel, writePages } from '../src/live/workloads.js';
+import { LivePageKind } from '../src/live/protocol.js';
+import { unionPages } from '../src/live/ledger.js';
+
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
+const PAGE = 4096;
+
+function observation(o: Partial<RoundObservation>): RoundObservation {
+  return {
+    round: 2,
+    ramBytes: GiB,
+    pageSize: PAGE,
+    dirtyRate: 10 * MiB,
+    remainingPages: 10_000,
+    wireBytesPerPage: 2048,
+    roundWireBytes: 100 * MiB,
+    roundSeconds: 1,
+    busySeconds: 1,
+    rate: 100 * MiB,
+    totalWireBytes: GiB,
+    collectSeconds: 0.001,
+    switchoverOverheadSeconds: 0.02,
+    ...o,
+  };
+}
+
+describe('migration policy', () => {
+  it('switches over when the remaining pages fit the downtime limit at the measured bandwidth', () => {
+    const policy = new MigrationPolicy({ maxDowntimeMs: 300 });
+    // 10 000 pages × 2 KiB on the wire at 100 MiB/s, + 1 ms collection + 20 ms fixed: about 216 ms, fits.
+    const fits = policy.decide(observation({ remainingPages: 10_000 }));
+    expect(fits.action).toBe('switchover');
+    // (plus the pages the guest dirties during one more collection: 10 MiB/s × 1 ms)
+    const pages = 10_000 + (10 * MiB * 0.001) / PAGE;
+    expect(fits.expectedDowntimeMs).toBeCloseTo(((pages * 2048) / (100 * MiB) + 0.021) * 1000, 6);
+    // Twice as many pages do not.
+    expect(new MigrationPolicy({ maxDowntimeMs: 300 }).decide(observation({ remainingPages: 20_000 })).action).toBe('continue');
+  });
+
+  it('measures the link while busy, not the imposed rate, and never counts on more than maxBandwidth', () => {
+    const policy = new MigrationPolicy({ maxDowntimeMs: 300, maxBandwidth: 50 * MiB });
+    // The round sent 100 MiB in 1 s but was busy only 0.25 s: the link does 400 MiB/s, capped at 50 MiB/s.
+    const o = observation({ busySeconds: 0.25, remainingPages: 5000 });
+    expect(policy.linkBandwidth(o)).toBe(50 * MiB);
+    expect(new MigrationPolicy({}).linkBandwidth(o)).toBe(400 * MiB);
+  });
+
+  it('raises the rate above the dirty rate (Xen), never above maxBandwidth, and never lowers it', () => {
+    const policy = new MigrationPolicy({ initialBandwidth: 64 * MiB, maxBandwidth: 256 * MiB, maxDowntimeMs: 1 });
+    expect(policy.currentRate).toBe(64 * MiB);
+    // 100 MiB/s of RAM dirtied at 2 KiB per 4 KiB page on the wire: 50 MiB/s of wire, × 1.5 headroom = 75.
+    const d1 = policy.decide(observation({ dirtyRate: 100 * MiB, wireBytesPerPage: 2048 }));
+    expect(d1.action).toBe('continue');
+    expect(policy.currentRate).toBeCloseTo(75 * MiB, -3);
+    policy.decide(observation({ dirtyRate: 1000 * MiB, wireBytesPerPage: 4096 }));
+    expect(policy.currentRate).toBe(256 * MiB);
+    policy.decide(observation({ dirtyRate: 1 * MiB }));
+    expect(policy.currentRate).toBe(256 * MiB);
+    policy.update({ maxBandwidth: 32 * MiB });
+    expect(policy.currentRate).toBe(32 * MiB);
+  });
+
+  it('gives up after the round cap and after sending 3× RAM', () => {
+    const far = { remainingPages: 200_000 };
+    expect(new MigrationPolicy({ maxRounds: 5 }).decide(observation({ ...far, round: 5 })).action).toBe('give-up');
+    expect(new MigrationPolicy({ maxRounds: 5 }).decide(observation({ ...far, round: 4 })).action).toBe('continue');
+    expect(new MigrationPolicy({}).decide(observation({ ...far, totalWireBytes: 3.1 * GiB })).action).toBe('give-up');
+    expect(new MigrationPolicy({}).decide(observation({ ...far, totalWireBytes: 2.9 * GiB })).action).toBe('continue');
+  });
+
+  it('throttles the guest (auto-converge) only when the link is saturated and the guest outpaces it twice in a row', () => {
+    const notConverging = observation({ remainingPages: 200_000, dirtyRate: 400 * MiB, wireBytesPerPage: 4096, roundWireBytes: 100 * MiB, rate: 100 * MiB, busySeconds: 1 });
+    const off = new MigrationPolicy({ maxBandwidth: 100 * MiB });
+    off.decide(notConverging);
+    off.decide(notConverging);
+    expect(off.currentThrottle).toBe(0);
+
+    const on = new MigrationPolicy({ maxBandwidth: 100 * MiB, autoConverge: true });
+    const throttles = [1, 2, 3, 4, 5, 6].map(() => (on.decide(notConverging) as { throttle: number }).throttle);
+    expect(throttles).toEqual([0, 0.2, 0.2, 0.3, 0.3, 0.4].map((x) => expect.closeTo(x, 5)));
+
+    // A link that is not the bottleneck (the sender mostly waited for the rate) is no reason to throttle.
+    const idleLink = new MigrationPolicy({ autoConverge: true });
+    idleLink.decide({ ...notConverging, busySeconds: 0.2 });
+    idleLink.decide({ ...notConverging, busySeconds: 0.2 });
+    expect(idleLink.currentThrottle).toBe(0);
+  });
+
+  it('switches over on force-complete whatever the downtime', () => {
+    const policy = new MigrationPolicy({ maxDowntimeMs: 10 });
+    policy.forceComplete();
+    const d = policy.decide(observation({ remainingPages: 1_000_000 }));
+    expect(d).toMatchObject({ action: 'switchover', forced: true });
+  });
+});
+
+describe('working-set models', () => {
+  it('writes about the expected number of distinct pages, only inside their regions', () => {
+    const pages = 100_000;
+    const hit = new Uint8Array(pages);
+    let seed = 7;
+    const random = () => ((seed = (seed * 16807) % 2147483647) / 2147483647);
+    // 10 % hot set, 1 write per hot page on average in one second: 1 - 1/e of the hot pages.
+    writePages(hotSetModel(0.1, 10_000 * PAGE), 1, pages, PAGE, random, (p) => (hit[p] = 1));
+    const inside = hit.subarray(0, 10_000).reduce((a, b) => a + b, 0);
+    const outside = hit.subarray(10_000).reduce((a, b) => a + b, 0);
+    expect(outside).toBe(0);
+    expect(inside / 10_000).toBeGreaterThan(0.6);
+    expect(inside / 10_000).toBeLessThan(0.66);
+  });
+});
+
+describe('page encoding (native)', () => {
+  it('flags zero pages, compresses, deltas against the cached version, and decodes to the same bytes', async () => {
+    const count = 4;
+    const src = Buffer.alloc(count * PAGE);
+    // page 0 zero; page 1 text (compressible); page 2 random (incompressible); page 3 random then changed slightly.
+    src.fill('migration ', PAGE, 2 * PAGE);
+    randomFillSync(src, 2 * PAGE, 2 * PAGE);
+    const indices = Uint32Array.of(0, 1, 2, 3);
+    const cache = Buffer.alloc(8 * PAGE);
+    const tags = new Int32Array(8).fill(-1);
+    const out = Buffer.alloc(count * PAGE);
+    const meta = new Uint32Array(count * 4);
+    const first = await native.encodePages(src, PAGE, count, indices, cache, tags, true, 1, out, meta);
+    const kinds = (m: Uint32Array) => Array.from({ length: count }, (_, i) => m[i * 4]);
+    expect(kinds(meta)).toEqual([LivePageKind.Zero, LivePageKind.Zstd, LivePageKind.Raw, LivePageKind.Raw]);
+    expect(meta[1 * 4 + 1]).toBeLessThan(200);
+    for (let i = 0; i < count; i++) {
+      const d = native.xxh64(src.subarray(i * PAGE, (i + 1) * PAGE));
+      expect(BigInt(meta[i * 4 + 2]) | (BigInt(meta[i * 4 + 3]) << 32n)).toBe(d);
+    }
+
+    const { mkdtemp, rm, open } = await import('node:fs/promises');
+    const { join } = await import('node:path');
+    const { tmpdir } = await import('node:os');
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-encode-'));
+    try {
+      const file = await open(join(dir, 'ram'), 'w+');
+      await file.write(Buffer.alloc(count * PAGE, 0xaa), 0, count * PAGE, 0); // stale content everywhere
+      const applyMeta = meta.slice();
+      await native.applyPages(file.fd, PAGE, count, indices, out.subarray(0, first), applyMeta);
+      const back = Buffer.alloc(count * PAGE);
+      await file.read(back, 0, count * PAGE, 0);
+      expect(back.equals(src)).toBe(true);
+
+      // Second version: 16 bytes of page 3 change; page 3 is cached, so it travels as a small delta.
+      src.writeUInt32LE(0xdeadbeef, 3 * PAGE + 100);
+      src.writeUInt32LE(0xfeedface, 3 * PAGE + 2000);
+      const again = await native.encodePages(src.subarray(3 * PAGE), PAGE, 1, Uint32Array.of(3), cache, tags, true, 1, out, meta);
+      expect(meta[0]).toBe(LivePageKind.Delta);
+      expect(again).toBeLessThan(64);
+      await native.applyPages(file.fd, PAGE, 1, Uint32Array.of(3), out.subarray(0, again), meta);
+      await file.read(back, 0, count * PAGE, 0);
+      expect(back.equals(src)).toBe(true);
+      await file.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('measures encoding ratios on synthetic pages: first sends about half a page, deltas far less', async () => {
+    const { compressRatio, deltaRatio } = await measureEncoding(PAGE, 256);
+    expect(compressRatio).toBeGreaterThan(0.3);
+    expect(compressRatio).toBeLessThan(0.8);
+    expect(deltaRatio).toBeLessThan(0.05);
+  });
+
+  it('merges sorted page sets', () => {
+    expect(Array.from(unionPages(Uint32Array.of(1, 3, 5), Uint32Array.of(2, 3, 6)))).toEqual([1, 2, 3, 5, 6]);
+  });
+});
+
+describe('simulated migrations (the engine on a virtual clock)', () => {
+  const gigabit: LinkModel = { bandwidth: 125e6, rttMs: 0.2, compressRatio: 0.55, deltaRatio: 0.03, cacheBytes: 64 * MiB, deviceLoadMs: 20 };
+
+  it('converges for a hot-set workload, within the downtime limit, with the destination holding every current page', async () => {
+    const { report, vm } = await simulateMigration({ ramBytes: 2 * GiB, model: hotSetModel(0.05, 200 * MiB, 2 * MiB), link: gigabit, limits: { maxDowntimeMs: 300 } });
+    expect(report.outcome).toBe('completed');
+    expect(report.memoryVerified).toBe(true);
+    expect(report.rounds).toBeGreaterThan(1);
+    expect(report.downtimeMs).toBeLessThanOrEqual(300);
+    expect(report.pages.delta).toBeGreaterThan(0);
+    expect(vm.events).toEqual(['pause', 'handed-over']);
+  });
+
+  it('gives up on a workload that outruns the link and leaves the source running', async () => {
+    const { report, vm } = await simulateMigration({ ramBytes: 1 * GiB, model: CLARK_WORKLOADS.mmuncher, link: gigabit, limits: { maxBandwidth: 125e6 } });
+    expect(report.outcome).toBe('failed');
+    expect(report.reason).toMatch(/RAM without converging|did not converge/);
+    expect(report.sourceRunning).toBe(true);
+    expect(vm.isPaused).toBe(false);
+    // The cap is checked at the end of each round, as Xen does: it stops in the round that crossed 3× RAM.
+    expect(report.transferredBytes).toBeGreaterThan(3 * GiB);
+    expect(report.transferredBytes).toBeLessThan(4 * GiB);
+  });
+
+  it('converges the same workload with auto-converge by throttling the guest', async () => {
+    const { report, vm } = await simulateMigration({
+      ramBytes: 1 * GiB,
+      model: uniformModel(400 * MiB),
+      link: gigabit,
+      limits: { maxBandwidth: 125e6, autoConverge: true, maxTransferFactor: 10 },
+    });
+    expect(report.outcome).toBe('completed');
+    expect(vm.events.some((e) => e.startsWith('throttle:0.2'))).toBe(true);
+    // The throttle ends before the pause.
+    expect(vm.events.slice(-3)).toEqual(['throttle:0.00', 'pause', 'handed-over']);
+  });
+
+  it('switches over on force-complete, sending whatever is left, still verified', async () => {
+    const { report } = await simulateMigration({
+      ramBytes: 1 * GiB,
+      model: CLARK_WORKLOADS.mmuncher,
+      link: gigabit,
+      onStart: (m) => m.on('stats', (s) => s.round >= 2 && m.forceComplete()),
+    });
+    expect(report).toMatchObject({ outcome: 'completed', forced: true, memoryVerified: true });
+    expect(report.downtimeMs).toBeGreaterThan(300);
+  });
+
+  it('abort mid-migration leaves the source running', async () => {
+    const { report, vm } = await simulateMigration({
+      ramBytes: 1 * GiB,
+      model: hotSetModel(0.05, 100 * MiB),
+      link: gigabit,
+      onStart: (m) => m.on('stats', (s) => s.transferredBytes > 100 * MiB && m.abort()),
+    });
+    expect(report).toMatchObject({ outcome: 'cancelled', sourceRunning: true });
+    expect(vm.events).toEqual([]);
+  });
+});

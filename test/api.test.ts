@@ -163,8 +163,8 @@ for (const mode of ['embedded', 'redis'] as const) {
         [convert({ path: 'o.raw', format: 'raw' }, { path: 'missing.raw' }), 422, /source\.path 'missing\.raw' is not a file/],
         [
           { type: 'capture', source: { host: 'h', user: 'root', credential: 'c', disk: '/dev/sda' }, target: { path: 'p.qcow2', format: 'qcow2' } },
-          501,
-          /capture jobs need the capture module/,
+          400,
+          /body\.source: missing required field 'hostKey'/,
         ],
       ];
       for (const [body, status, detail] of cases) {

@@ -27,7 +27,7 @@ export const JobSchema = Type.Object(
     startedAt: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
     finishedAt: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
     error: Type.Union([Type.Object({ type: Type.String(), message: Type.String() }), Type.Null()]),
-    result: Type.Unknown({ description: 'what the job produced (for convert: path, format, size, byte counts)' }),
+    result: Type.Unknown({ description: 'what the job produced (convert: path, format, size, byte counts; capture: format and the images with their counters)' }),
     attempts: Type.Integer({ description: 'attempts started, including ones interrupted by a lost worker' }),
     worker: Type.Union([Type.String(), Type.Null()], { description: 'host:pid that runs or last ran the job' }),
     spec: Type.Unknown({ description: 'the request as submitted' }),

@@ -51,6 +51,18 @@ export interface SshAuth {
   useAgent?: boolean;
   /** Environment variable holding the login password (also given to sudo when it asks). */
   passwordEnv?: string;
+  /**
+   * Secrets already in memory (a job's stored credential), used instead of identityFile, passphraseEnv and
+   * passwordEnv: nothing is read from files or the environment, and the default keys are not tried.
+   */
+  secrets?: LoginSecrets;
+}
+
+export interface LoginSecrets {
+  privateKey?: string;
+  passphrase?: string;
+  /** The login password, also given to sudo when it asks. */
+  password?: string;
 }
 
 export interface ExecResult {
@@ -74,12 +86,10 @@ export class SshConnection {
   static async open(target: SshTarget, auth: SshAuth, hostKeys: HostKeyPolicy): Promise<SshConnection> {
     const where = describeTarget(target, '');
     const config: ConnectConfig = { username: target.user, readyTimeout: CONNECT_TIMEOUT_MS, keepaliveInterval: 10_000, keepaliveCountMax: 3 };
-    const password = readSecret(auth.passwordEnv, '--password-env');
+    const { password, privateKey, passphrase } = await loginSecrets(auth);
     if (password !== undefined) config.password = password;
-    const key = await readPrivateKey(auth);
-    if (key) {
-      config.privateKey = key;
-      const passphrase = readSecret(auth.passphraseEnv, '--passphrase-env');
+    if (privateKey) {
+      config.privateKey = privateKey;
       if (passphrase !== undefined) config.passphrase = passphrase;
     }
     if (auth.useAgent) {
@@ -187,6 +197,14 @@ function readSecret(envName: string | undefined, flag: string): string | undefin
   const value = process.env[envName];
   if (value === undefined) throw new InvalidOptionError(`${flag} ${envName}: that environment variable is not set`, { field: flag.slice(2) });
   return value;
+}
+
+/** The password and key to log in with: given in memory, or read from the files and variables named. */
+async function loginSecrets(auth: SshAuth): Promise<{ password?: string; privateKey?: string | Buffer; passphrase?: string }> {
+  if (auth.secrets) return auth.secrets;
+  const password = readSecret(auth.passwordEnv, '--password-env');
+  const privateKey = await readPrivateKey(auth);
+  return { password, privateKey, passphrase: privateKey ? readSecret(auth.passphraseEnv, '--passphrase-env') : undefined };
 }
 
 async function readPrivateKey(auth: SshAuth): Promise<Buffer | undefined> {

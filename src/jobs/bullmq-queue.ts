@@ -4,7 +4,8 @@ import type { Logger } from 'pino';
 import { isTerminal, type JobRecord } from './model.js';
 import { DEFAULT_RETRY, type JobQueue, type RetryPolicy } from './queue.js';
 import { runnableHandler, runnableStageNames } from './registry.js';
-import { ABORT_CANCEL, ABORT_SHUTDOWN, type StageRunner } from './runner.js';
+import { ABORT_CANCEL, ABORT_SHUTDOWN } from './handler.js';
+import type { StageRunner } from './runner.js';
 import { logLine, type JobStore } from './store.js';
 
 /** Cancellation reaches the worker running a job through this channel: only it holds the AbortController. */
@@ -41,7 +42,7 @@ const stageJobId = (jobId: string, stage: string) => `${jobId}.${stage}`;
 
 /**
  * Jobs on BullMQ over a shared Redis: any number of worker processes on any machine. A job is a flow,
- * one BullMQ job per stage, each the child of the next (capture → convert → inject), so a stage runs on
+ * one BullMQ job per stage, each the child of the next (P2V: capture → inject drivers), so a stage runs on
  * whichever worker is free once the previous one finished, and a failure fails the chain. BullMQ gives the
  * rest: retries with exponential backoff, and stalled-job detection when a worker dies mid-job.
  */

@@ -1,7 +1,8 @@
 import type { Logger } from 'pino';
 import type { JobRecord } from './model.js';
 import { backoffDelay, DEFAULT_RETRY, type JobQueue, type RetryPolicy } from './queue.js';
-import { ABORT_CANCEL, ABORT_SHUTDOWN, type StageRunner } from './runner.js';
+import { ABORT_CANCEL, ABORT_SHUTDOWN } from './handler.js';
+import type { StageRunner } from './runner.js';
 import type { JobStore } from './store.js';
 
 interface Pending {

@@ -20,7 +20,12 @@ export class ConflictError extends FerryError {
   readonly code = 'CONFLICT';
 }
 
-/** The job type is defined but its runner is not part of this build (capture before issue 4 lands). */
+/** The job type is defined but its runner is not part of this build. */
 export class JobTypeUnavailableError extends FerryError {
   readonly code = 'JOB_TYPE_UNAVAILABLE';
+}
+
+/** A request option this build cannot honour yet: driver injection in capture jobs before issue 6 lands. */
+export class FeatureUnavailableError extends FerryError {
+  readonly code = 'FEATURE_UNAVAILABLE';
 }

@@ -1,5 +1,13 @@
 import type { TSchema } from 'typebox';
+import type { CredentialVault } from './credentials.js';
 import type { JobProgress, JobSpec } from './model.js';
+
+/** Abort reasons a queue gives a running stage's signal: a cancelled job is over, a shut-down one runs again. */
+export const ABORT_CANCEL = 'ferry:cancel';
+export const ABORT_SHUTDOWN = 'ferry:shutdown';
+
+/** The one thing a stage may do with stored credentials: read a secret to log in with. */
+export type CredentialReader = Pick<CredentialVault, 'reveal'>;
 
 /** What a stage gets to do its work. */
 export interface StageContext<Spec extends JobSpec> {
@@ -8,8 +16,16 @@ export interface StageContext<Spec extends JobSpec> {
   previous: unknown;
   /** Resolves a job path (relative to the data dir) to an absolute one, refusing escapes, symlinks included. */
   resolvePath(path: string, field: string): Promise<string>;
-  /** Aborted on cancellation (DELETE) and on worker shutdown; the stage must stop and remove partial output. */
+  /**
+   * Aborted on cancellation (DELETE, reason ABORT_CANCEL) and on worker shutdown (ABORT_SHUTDOWN); the stage
+   * must stop and remove partial output. On shutdown it may keep what lets the next attempt resume.
+   */
   signal: AbortSignal;
+  /**
+   * The secrets of stored credentials (capture logs in with them), from the worker's own vault: the data
+   * dir's key or FERRY_SECRET_KEY. A secret goes to the connection only, never to a log, a record or a result.
+   */
+  credentials: CredentialReader;
   progress(p: JobProgress): void;
   log(message: string): void;
 }

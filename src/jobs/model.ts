@@ -23,7 +23,7 @@ export interface JobRecord {
   id: string;
   type: string;
   state: JobState;
-  /** The stage running or last run (convert; capture → convert → inject for P2V). */
+  /** The stage running or last run (convert; capture for P2V, driver injection to follow). */
   stage: string | null;
   progress: JobProgress;
   createdAt: string;

@@ -1,15 +1,12 @@
 import { hostname } from 'node:os';
 import type { Logger } from 'pino';
 import { FerryError, errorMessage } from '../errors.js';
-import type { RunnableJobHandler, StageContext } from './handler.js';
+import { CredentialVault } from './credentials.js';
+import { ABORT_SHUTDOWN, type CredentialReader, type RunnableJobHandler, type StageContext } from './handler.js';
 import { isTerminal, type JobFailure, type JobProgress } from './model.js';
 import { removeStaleTemporaries, resolveInDataDir } from './paths.js';
 import { runnableHandler } from './registry.js';
 import { logLine, type JobStore } from './store.js';
-
-/** Abort reasons a queue passes to a running stage. */
-export const ABORT_CANCEL = 'ferry:cancel';
-export const ABORT_SHUTDOWN = 'ferry:shutdown';
 
 /** Progress reaches the store (and the events stream) at most this often per job. */
 const PROGRESS_INTERVAL_MS = 250;
@@ -37,9 +34,20 @@ export type StageOutcome =
   /** The job was cancelled or finished before this stage started. */
   | { kind: 'skipped' };
 
-/** A failure that retrying cannot fix: a corrupt image, a bad option, a missing file. */
+/**
+ * A typed error for a condition that may pass by itself (a dropped connection, a source too busy to
+ * capture consistently): its class declares `readonly transient = true`. The marker is structural so
+ * that error classes need not depend on the job service.
+ */
+export type TransientError = FerryError & { readonly transient: true };
+
+export function isTransient(err: unknown): err is TransientError {
+  return err instanceof FerryError && (err as Partial<TransientError>).transient === true;
+}
+
+/** A failure that retrying cannot fix: a corrupt image, a bad option, a missing file, a refused host key. */
 export function isPermanent(err: unknown): boolean {
-  if (err instanceof FerryError) return true;
+  if (err instanceof FerryError) return !isTransient(err);
   const code = (err as NodeJS.ErrnoException)?.code;
   return code !== undefined && PERMANENT_SYSTEM_ERRORS.has(code);
 }
@@ -50,6 +58,11 @@ export function isPermanent(err: unknown): boolean {
  */
 export class StageRunner {
   readonly workerName = `${hostname()}:${process.pid}`;
+  /** Opened at the first reveal: most stages never log in anywhere, and a worker without capture work needs no key. */
+  private vault?: Promise<CredentialVault>;
+  private readonly credentials: CredentialReader = {
+    reveal: async (id) => (await (this.vault ??= CredentialVault.open(this.dataDir))).reveal(id),
+  };
 
   constructor(
     private readonly store: JobStore,
@@ -95,6 +108,7 @@ export class StageRunner {
       previous: attempt.previous,
       resolvePath,
       signal,
+      credentials: this.credentials,
       progress: (p) => progress.report(p),
       log: (message) => void log(message),
     };

@@ -157,3 +157,44 @@ export async function startCuttingProxy(targetPort: number, cutAfterBytes: numbe
       }),
   };
 }
+
+export interface ThrottlingProxy {
+  port: number;
+  close(): Promise<void>;
+}
+
+/** A loopback TCP proxy in front of sshd that lets at most `bytesPerSecond` through from the server: a slow link. */
+export async function startThrottlingProxy(targetPort: number, bytesPerSecond: number): Promise<ThrottlingProxy> {
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((client) => {
+    const upstream = connect({ port: targetPort, host: '127.0.0.1' });
+    sockets.add(client).add(upstream);
+    const started = performance.now();
+    let fromServer = 0;
+    const destroy = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const s of [client, upstream]) s.on('error', destroy).on('close', destroy);
+    client.on('data', (d) => upstream.write(d));
+    upstream.on('data', (d: Buffer) => {
+      client.write(d);
+      fromServer += d.length;
+      // Ahead of the allowed rate: stop reading until the rate has caught up.
+      const aheadMs = (fromServer / bytesPerSecond) * 1000 - (performance.now() - started);
+      if (aheadMs > 0) {
+        upstream.pause();
+        setTimeout(() => upstream.resume(), aheadMs);
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as { port: number }).port,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}

@@ -1,13 +1,10 @@
 import { stat } from 'node:fs/promises';
 import { Type, type Static } from 'typebox';
 import { convertImage } from '../../convert/convert.js';
-import { resolveOptions } from '../../convert/options.js';
 import { findDriver } from '../../convert/registry.js';
-import { InvalidOptionError } from '../../errors.js';
 import { MissingInputError } from '../errors.js';
 import type { RunnableJobHandler } from '../handler.js';
-
-const RelativePath = Type.String({ minLength: 1, maxLength: 4096, description: 'a path relative to the data dir' });
+import { checkOutputImage, optionStrings, OutputImageFields, RelativePath } from './output-image.js';
 
 export const ConvertJobSchema = Type.Object(
   {
@@ -19,28 +16,11 @@ export const ConvertJobSchema = Type.Object(
       },
       { additionalProperties: false },
     ),
-    target: Type.Object(
-      {
-        path: RelativePath,
-        format: Type.String({ minLength: 1, description: 'output format (ferry formats lists them)' }),
-        options: Type.Optional(
-          Type.Record(Type.String(), Type.Union([Type.String(), Type.Number(), Type.Boolean()]), {
-            description: 'creation options, as with -o: {"cluster_size":"2M","compat":"1.1"}',
-          }),
-        ),
-        compress: Type.Optional(Type.Boolean({ description: 'compress the output (-c)' })),
-      },
-      { additionalProperties: false },
-    ),
+    target: Type.Object({ path: RelativePath, ...OutputImageFields }, { additionalProperties: false }),
   },
   { additionalProperties: false, title: 'ConvertJob', description: 'convert one image to another format' },
 );
 export type ConvertJob = Static<typeof ConvertJobSchema>;
-
-/** The `-o` map convertImage takes: option values as the strings the CLI would pass. */
-function optionStrings(options: ConvertJob['target']['options']): Record<string, string> {
-  return Object.fromEntries(Object.entries(options ?? {}).map(([k, v]) => [k, String(v)]));
-}
 
 export const convertJob: RunnableJobHandler<ConvertJob> = {
   type: 'convert',
@@ -48,11 +28,7 @@ export const convertJob: RunnableJobHandler<ConvertJob> = {
   schema: ConvertJobSchema,
 
   async check(spec, { resolvePath }) {
-    // The same validation the conversion does first, so a bad format or option is a 400 now, not a failed job later.
-    const driver = findDriver(spec.target.format);
-    if (!driver.create) throw new InvalidOptionError(`format ${driver.name} is read-only`, { field: 'target.format' });
-    resolveOptions(driver.name, driver.createOptions, optionStrings(spec.target.options));
-    if (spec.target.compress && !driver.compression) throw new InvalidOptionError(`format ${driver.name} does not support compression`, { field: 'target.compress' });
+    checkOutputImage(spec.target);
     if (spec.source.format) findDriver(spec.source.format);
     const source = await resolvePath(spec.source.path, 'source.path');
     await resolvePath(spec.target.path, 'target.path');

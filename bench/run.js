@@ -14,3 +14,4 @@ await runConvertBench({ runs, only });
 await (await import('./jobs.js')).runJobsBench();
 await (await import('./live.js')).runLiveBench();
 await (await import('./capture.js')).runCaptureBench({ runs: Math.min(runs, 3) });
+await (await import('./inject.js')).runInjectBench({ runs: Math.min(runs, 2) });

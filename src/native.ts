@@ -3,6 +3,8 @@
  * zstd) or cannot do off the main thread in large batches (read + zero scan, block (de)compression, chunk hashes).
  */
 import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { PACKAGE_ROOT } from './paths.js';
 
 export const enum Codec {
   /** Raw deflate without header (qcow2). */
@@ -71,4 +73,4 @@ interface FerryNative {
 }
 
 const require = createRequire(import.meta.url);
-export const native: FerryNative = require('../native/build/Release/ferry_native.node');
+export const native: FerryNative = require(join(PACKAGE_ROOT, 'native', 'build', 'Release', 'ferry_native.node'));

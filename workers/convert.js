@@ -2,4 +2,4 @@
 // A worker for the convert stage only: for machines beside the storage, while capture workers run near the
 // sources. Same options as `ferry worker` (REDIS_URL, --concurrency, --data-dir, ...). `ferry worker` serves
 // every stage.
-import('../dist/cli/index.js').then((cli) => cli.main([...process.argv.slice(0, 2), 'worker', '--stages', 'convert', ...process.argv.slice(2)]));
+import('../bundle/index.js').then((cli) => cli.main([...process.argv.slice(0, 2), 'worker', '--stages', 'convert', ...process.argv.slice(2)]));

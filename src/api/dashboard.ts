@@ -1,10 +1,10 @@
 import { readFile } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { PACKAGE_ROOT } from '../paths.js';
 import type { FastifyInstance } from 'fastify';
 
 /** The dashboard's files are served from the source tree (tsc does not copy them into dist/). */
-const DASHBOARD_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'api', 'dashboard');
+const DASHBOARD_DIR = join(PACKAGE_ROOT, 'src', 'api', 'dashboard');
 
 const FILES: Record<string, string> = {
   'index.html': 'text/html; charset=utf-8',

@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { PACKAGE_ROOT } from '../paths.js';
 import { MAX_CHUNK, MIN_CHUNK } from '../transfer/protocol.js';
 import type { RateLimiter } from '../transfer/rate-limiter.js';
 import { AgentChannel } from './agent-channel.js';
@@ -9,8 +9,8 @@ import { SourceConnectionError } from './errors.js';
 import { describeTarget, shellQuote, type SshConnection } from './ssh-connection.js';
 import type { BlockSource, ReceivedChunk, SourceCounters } from './source.js';
 
-/** Built by scripts/build-native.sh; the same path from src/ (tests) and dist/ (the CLI). */
-const AGENT_BINARY = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'native', 'build', 'ferry-agent');
+/** Built by scripts/build-native.sh. */
+const AGENT_BINARY = join(PACKAGE_ROOT, 'native', 'build', 'ferry-agent');
 /** The agent is built for this machine's architecture; uname -m names it so on the source. */
 const AGENT_ARCH: Record<string, string> = { x64: 'x86_64', arm64: 'aarch64' };
 

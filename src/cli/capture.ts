@@ -53,7 +53,7 @@ export function registerCapture(program: Command): void {
         import('../capture/ssh-connection.js'),
         import('../log.js'),
       ]);
-      if (printOptionsHelp(o.outputFormat, o.options)) return;
+      if (await printOptionsHelp(o.outputFormat, o.options)) return;
       const target = parseSshUrl(sourceUrl);
       const log = createLogger('capture');
       const freezeTimeout = Number(o.freezeTimeout);

@@ -1,5 +1,4 @@
 import type { Command } from 'commander';
-import { checkImage } from '../convert/check.js';
 import { outputMode } from './common.js';
 
 /** Exit codes as qemu-img check: 0 clean, 2 corruptions, 3 leaks only, 63 format without checks. */
@@ -14,6 +13,7 @@ export function registerCheck(program: Command): void {
     .option('-U, --force-share', 'accepted for qemu-img compatibility')
     .action(async (file: string, o) => {
       const output = outputMode(o.output);
+      const { checkImage } = await import('../convert/check.js');
       const r = await checkImage(file, o.format);
       const errors = r.corruptions.length;
       if (output === 'json') {

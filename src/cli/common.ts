@@ -1,14 +1,14 @@
 import { InvalidOptionError } from '../errors.js';
 import { splitOptionString } from '../convert/options.js';
-import { findDriver } from '../convert/registry.js';
 import type { ProgressMode } from './progress.js';
 
 /** Key under which `-o help` is recorded; not a valid option name, so it cannot clash. */
 export const HELP = '-help';
 
 /** Prints a format's creation options for `-o help`; returns true when it did. */
-export function printOptionsHelp(format: string, options: Record<string, string> | undefined): boolean {
+export async function printOptionsHelp(format: string, options: Record<string, string> | undefined): Promise<boolean> {
   if (!options || !(HELP in options)) return false;
+  const { findDriver } = await import('../convert/registry.js');
   const driver = findDriver(format);
   const lines = [`Supported options for ${driver.name}:`];
   for (const spec of driver.createOptions) {

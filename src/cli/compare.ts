@@ -1,5 +1,4 @@
 import type { Command } from 'commander';
-import { compareImages } from '../convert/compare.js';
 import { progressMode } from './common.js';
 import { createProgress } from './progress.js';
 
@@ -21,6 +20,7 @@ export function registerCompare(program: Command): void {
     .option('--allow-external', 'allow backing files outside the image folders')
     .action(async (a: string, b: string, o) => {
       const progress = createProgress(o.quiet ? 'none' : progressMode(o.p, o.progress), 'compare');
+      const { compareImages } = await import('../convert/compare.js');
       const result = await compareImages(a, b, {
         formatA: o.formatA,
         formatB: o.formatB,

@@ -1,5 +1,4 @@
 import type { Command } from 'commander';
-import { convertImage } from '../convert/convert.js';
 import { InvalidOptionError } from '../errors.js';
 import { parseSize } from '../util/size.js';
 import { collectOptions, parseCount, printOptionsHelp, progressMode } from './common.js';
@@ -33,11 +32,12 @@ export function registerConvert(program: Command): void {
     .option('-q, --quiet', 'no progress output')
     .option('--allow-external', 'allow backing files outside the image folder')
     .action(async (src: string, dst: string, o) => {
-      if (printOptionsHelp(o.outputFormat, o.options)) return;
+      if (await printOptionsHelp(o.outputFormat, o.options)) return;
       if (!CACHE_MODES.includes(o.cache)) throw new InvalidOptionError(`-t must be one of ${CACHE_MODES.join(', ')}`, { field: 'cache' });
       if (o.targetIsZero && o.create !== false) throw new InvalidOptionError('--target-is-zero requires -n', { field: 'target-is-zero' });
       const mode = o.quiet ? 'none' : progressMode(o.p, o.progress);
       const progress = createProgress(mode, 'convert');
+      const { convertImage } = await import('../convert/convert.js');
       const stats = await convertImage({
         source: src,
         sourceFormat: o.format,

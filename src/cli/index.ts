@@ -1,11 +1,12 @@
 import { Command, CommanderError } from 'commander';
 import { FerryError, errorMessage } from '../errors.js';
-import { formatDrivers } from '../convert/registry.js';
 import { registerCapture } from './capture.js';
 import { registerCheck } from './check.js';
 import { registerCompare } from './compare.js';
 import { registerConvert } from './convert.js';
 import { registerInfo } from './info.js';
+import { registerInject } from './inject.js';
+import { registerInspect } from './inspect.js';
 import { registerMap } from './map.js';
 import { registerMeasure } from './measure.js';
 import { registerMigrate } from './migrate.js';
@@ -22,7 +23,7 @@ export function buildProgram(): Command {
     .description(
       'Move machines into and between hypervisors.\n\n' +
         'Disk images: info, convert, check, compare, map and measure take the flags qemu-img users know.\n' +
-        `Formats: ${formatDrivers.map((d) => d.name).join(', ')} ('ferry formats' lists their options).`,
+        "Formats: 'ferry formats' lists them with their creation options.",
     )
     .version(process.env.npm_package_version ?? '0.1.0')
     .option('--debug', 'show stack traces on errors')
@@ -36,6 +37,8 @@ export function buildProgram(): Command {
   registerMap(program);
   registerMeasure(program);
   registerMigrate(program);
+  registerInspect(program);
+  registerInject(program);
   registerCapture(program);
   registerServe(program);
   registerWorker(program);
@@ -43,7 +46,8 @@ export function buildProgram(): Command {
   program
     .command('formats')
     .summary('list the disk formats and their creation options')
-    .action(() => {
+    .action(async () => {
+      const { formatDrivers } = await import('../convert/registry.js');
       for (const d of formatDrivers) {
         const names = [d.name, ...d.aliases].join(', ');
         process.stdout.write(`${names}: ${d.description}${d.create ? '' : ' (read-only)'}\n`);

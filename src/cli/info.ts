@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { imageInfo, type ImageInfo } from '../convert/info.js';
+import type { ImageInfo } from '../convert/info.js';
 import { formatSize } from '../util/size.js';
 import { outputMode } from './common.js';
 
@@ -15,6 +15,7 @@ export function registerInfo(program: Command): void {
     .option('--allow-external', 'allow backing files outside the image folder (with --backing-chain)')
     .action(async (file: string, o) => {
       const output = outputMode(o.output);
+      const { imageInfo } = await import('../convert/info.js');
       const infos = await imageInfo(file, { format: o.format, backingChain: o.backingChain === true, allowExternal: o.allowExternal === true });
       if (output === 'json') {
         process.stdout.write(JSON.stringify(o.backingChain ? infos : infos[0], null, 4) + '\n');

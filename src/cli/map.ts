@@ -1,5 +1,4 @@
 import type { Command } from 'commander';
-import { imageMap } from '../convert/map.js';
 import { parseSize } from '../util/size.js';
 import { outputMode } from './common.js';
 
@@ -16,6 +15,7 @@ export function registerMap(program: Command): void {
     .option('--allow-external', 'allow backing files outside the image folder')
     .action(async (file: string, o) => {
       const output = outputMode(o.output);
+      const { imageMap } = await import('../convert/map.js');
       const entries = imageMap(file, {
         format: o.format,
         allowExternal: o.allowExternal === true,

@@ -1,5 +1,4 @@
 import type { Command } from 'commander';
-import { measureImage } from '../convert/measure.js';
 import { InvalidOptionError } from '../errors.js';
 import { parseSize } from '../util/size.js';
 import { collectOptions, outputMode, printOptionsHelp } from './common.js';
@@ -18,8 +17,9 @@ export function registerMeasure(program: Command): void {
     .option('--allow-external', 'allow backing files outside the image folder')
     .action(async (file: string | undefined, o) => {
       const output = outputMode(o.output);
-      if (printOptionsHelp(o.outputFormat, o.options)) return;
+      if (await printOptionsHelp(o.outputFormat, o.options)) return;
       if (!file === !o.size) throw new InvalidOptionError('give either a file or --size', { field: 'size' });
+      const { measureImage } = await import('../convert/measure.js');
       const r = await measureImage({
         targetFormat: o.outputFormat,
         options: o.options,

@@ -1,8 +1,6 @@
 import type { Command } from 'commander';
 import { InvalidOptionError } from '../errors.js';
-import { listenForMigration, startMigration, type MigrationReport, type MigrationStats } from '../live/index.js';
-import { MigrationError } from '../live/errors.js';
-import { createLogger } from '../log.js';
+import type { MigrationReport, MigrationStats } from '../live/index.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { parseCount, progressMode } from './common.js';
 import type { ProgressMode } from './progress.js';
@@ -39,6 +37,8 @@ export function registerMigrate(program: Command): void {
       if (!TRACKERS.includes(o.tracker)) throw new InvalidOptionError(`--tracker must be one of ${TRACKERS.join(', ')}`, { field: 'tracker' });
       const maxDowntimeMs = parseCount(o.maxDowntime, '--max-downtime', 1, 3_600_000);
       const maxBandwidth = o.maxBandwidth === undefined ? Infinity : parseSize(o.maxBandwidth, '--max-bandwidth');
+      // Loaded here, not at start-up, so other commands do not pay for the migration stack.
+      const [{ startMigration }, { MigrationError }, { createLogger }] = await Promise.all([import('../live/index.js'), import('../live/errors.js'), import('../log.js')]);
       const log = createLogger('migrate');
       const mode = progressMode(o.p, o.progress);
       const migration = await startMigration({
@@ -75,6 +75,7 @@ export function registerMigrate(program: Command): void {
     .requiredOption('--qmp <socket>', "the destination QEMU's QMP unix socket")
     .requiredOption('--ram <path>', "the destination VM's guest RAM file")
     .action(async (o) => {
+      const [{ listenForMigration }, { MigrationError }, { createLogger }] = await Promise.all([import('../live/index.js'), import('../live/errors.js'), import('../log.js')]);
       const log = createLogger('migrate-listen');
       const { host, port } = parseAddress(o.listen, '--listen');
       const listener = await listenForMigration({ host, port, destination: { kind: 'qemu-shared-file', qmpSocket: o.qmp, ramPath: o.ram, nativeHost: host, log }, log });

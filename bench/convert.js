@@ -48,8 +48,8 @@ export async function runConvertBench({ runs = 5, only } = {}) {
     rows.push(await sideBySide({ ...c, runs }));
   }
   const lines = [
-    `Measured ${new Date().toISOString().slice(0, 10)} on ${machineLine()}; ${runs} alternating runs each, medians, warm page cache,`,
-    'outputs deleted and `sync`ed before every run. Ratio = Ferry time / qemu-img time (below 1: Ferry is faster).',
+    `Measured ${new Date().toISOString().slice(0, 10)} on ${machineLine()}; per tool one warm-up and ${runs} timed runs, medians,`,
+    'warm page cache, outputs deleted and `sync`ed before every run. Ratio = Ferry time / qemu-img time (below 1: Ferry is faster).',
     '',
     '| conversion | Ferry (s) | qemu-img (s) | ratio | Ferry best / qemu-img best (s) | Ferry peak RSS (MiB) | qemu-img peak RSS (MiB) | output (MiB) |',
     '|---|---:|---:|---:|---:|---:|---:|---:|',

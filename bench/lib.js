@@ -92,19 +92,27 @@ export function median(values) {
 }
 
 /**
- * Times two ways of doing the same job, alternating them `runs` times so that both see the same machine
- * state; outputs are deleted and dirty pages flushed before every run, so neither pays for the other's writes.
+ * Times two ways of doing the same job: each tool gets one untimed warm-up run and then `runs` timed runs
+ * in a row, and the order of the tools alternates from row to row. Measured here: on this VM the first run
+ * after the other tool pays for page-cache pages the host must fault in again (2–4× slower, either tool),
+ * so alternating run by run measures the machine, not the tools. Outputs are deleted and dirty pages
+ * flushed before every run, so no run pays for another's writes.
  */
+let peerFirst = false;
 export async function sideBySide({ name, runs, ferry, peer, outputs, note }) {
   const results = { ferry: [], peer: [] };
-  for (let i = 0; i < runs; i++) {
-    for (const [who, argv] of [
-      ['ferry', ferry],
-      ['peer', peer],
-    ]) {
+  const order = [
+    ['ferry', ferry],
+    ['peer', peer],
+  ];
+  if (peerFirst) order.reverse();
+  peerFirst = !peerFirst;
+  for (const [who, argv] of order) {
+    for (let i = 0; i <= runs; i++) {
       for (const o of outputs) rmSync(o, { force: true });
       sync();
-      results[who].push(await timed(argv));
+      const r = await timed(argv);
+      if (i > 0) results[who].push(r);
     }
   }
   const sizes = outputs.map((o) => (existsSync(o) ? statSync(o).size : 0));

@@ -6,6 +6,26 @@ import { createProgress } from './progress.js';
 
 const CACHE_MODES = ['unsafe', 'writeback', 'writethrough', 'none', 'directsync'];
 
+/**
+ * --inject: the guest is fixed on the converted copy, never the source. An output that could not be made
+ * bootable is removed, like any other failed conversion's output.
+ */
+async function injectIntoOutput(dst: string, format: string, target: string, driversPath: string | undefined): Promise<void> {
+  const [{ injectDrivers, describeChange }, { InjectionError }] = await Promise.all([import('../drivers/index.js'), import('../drivers/errors.js')]);
+  const { findDriver } = await import('../convert/registry.js');
+  const { unlink } = await import('node:fs/promises');
+  try {
+    const report = await injectDrivers(dst, { target, driversPath, format: findDriver(format).name === 'vhd' ? 'vpc' : format });
+    process.stderr.write(`inject ${target}: ${report.changes.length} changes\n${report.changes.map((c) => `  ${describeChange(c)}`).join('\n')}\n`);
+    const failed = report.verification.filter((v) => !v.ok);
+    if (failed.length) throw new InjectionError(`driver injection did not verify: ${failed.map((v) => `${v.check}: ${v.detail}`).join('; ')}`, { file: dst });
+  } catch (err) {
+    await unlink(dst).catch(() => undefined);
+    await unlink(`${dst}.ferry-inject.json`).catch(() => undefined);
+    throw err;
+  }
+}
+
 export function registerConvert(program: Command): void {
   program
     .command('convert')
@@ -31,10 +51,13 @@ export function registerConvert(program: Command): void {
     .option('-U, --force-share', 'accepted for qemu-img compatibility: Ferry opens sources read-only without locks')
     .option('-q, --quiet', 'no progress output')
     .option('--allow-external', 'allow backing files outside the image folder')
+    .option('--inject <target>', 'then make the converted guest boot on TARGET (kvm, hyperv, vmware, xen, aws, azure): see ferry inject')
+    .option('--drivers <path>', 'with --inject: Windows driver folder (virtio-win for kvm)')
     .action(async (src: string, dst: string, o) => {
       if (await printOptionsHelp(o.outputFormat, o.options)) return;
       if (!CACHE_MODES.includes(o.cache)) throw new InvalidOptionError(`-t must be one of ${CACHE_MODES.join(', ')}`, { field: 'cache' });
       if (o.targetIsZero && o.create !== false) throw new InvalidOptionError('--target-is-zero requires -n', { field: 'target-is-zero' });
+      if (o.inject) (await import('../drivers/targets/index.js')).findTarget(o.inject); // a bad target fails before any work
       const mode = o.quiet ? 'none' : progressMode(o.p, o.progress);
       const progress = createProgress(mode, 'convert');
       const { convertImage } = await import('../convert/convert.js');
@@ -61,5 +84,6 @@ export function registerConvert(program: Command): void {
         { source: src, target: dst, format: o.outputFormat, ...stats, elapsedMs: Math.round(stats.elapsedMs) },
         'conversion finished',
       );
+      if (o.inject) await injectIntoOutput(dst, o.outputFormat, o.inject, o.drivers);
     });
 }

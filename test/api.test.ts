@@ -276,8 +276,12 @@ for (const mode of ['embedded', 'redis'] as const) {
           '/v1/jobs/{id}',
           '/v1/jobs/{id}/events',
           '/v1/jobs/{id}/log',
+          '/v1/migrations',
+          '/v1/migrations/{id}',
+          '/v1/migrations/{id}:force-complete',
         ].sort(),
       );
+      expect(doc.paths['/v1/migrations'].post.requestBody.content['application/json'].schema.additionalProperties).toBe(false);
       for (const path of ['/v1/jobs', '/v1/credentials']) {
         const schema = doc.paths[path].post.requestBody.content['application/json'].schema;
         expect(schema.oneOf.length).toBeGreaterThan(1);

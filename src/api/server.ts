@@ -12,6 +12,8 @@ import { problem, problemFor, PROBLEM_CONTENT_TYPE } from './problems.js';
 import { registerCredentialRoutes } from './routes/credentials.js';
 import { registerFormatRoutes } from './routes/formats.js';
 import { registerJobRoutes } from './routes/jobs.js';
+import { registerMigrationRoutes } from './routes/migrations.js';
+import { MigrationRegistry } from './migrations.js';
 import { formatValidationErrors, validatorCompiler } from './validation.js';
 
 export interface ServerOptions {
@@ -83,6 +85,9 @@ export async function buildServer(opts: ServerOptions): Promise<FastifyInstance>
 
   registerJobRoutes(app, opts.service);
   registerCredentialRoutes(app, opts.vault);
+  const migrations = new MigrationRegistry(opts.logger);
+  registerMigrationRoutes(app, migrations);
+  app.addHook('onClose', async () => migrations.close());
   registerFormatRoutes(app);
   await registerDashboard(app);
   return app;

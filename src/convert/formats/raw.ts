@@ -4,10 +4,8 @@ import { native } from '../../native.js';
 import type { DiskWriter, Extent, FormatDetails, ImageLayer } from '../disk.js';
 import type { CreateRequest, FormatDriver, MeasureResult } from '../format.js';
 import { OutputFile, readFully } from '../output-file.js';
+import { fileRuns } from '../sparse-file.js';
 import type { OptionValues } from '../options.js';
-
-/** How many SEEK_DATA/SEEK_HOLE pairs to ask for per native call. */
-const SEGMENT_BATCH = 4096;
 
 class RawLayer implements ImageLayer {
   readonly format = 'raw';
@@ -23,22 +21,8 @@ class RawLayer implements ImageLayer {
 
   /** Data where the filesystem has blocks, zeroes in holes: found with SEEK_DATA/SEEK_HOLE, never by reading. */
   async *blockStatus(offset: number, length: number): AsyncIterable<Extent> {
-    const end = offset + length;
-    let pos = offset;
-    while (pos < end) {
-      const seg = native.dataSegments(this.handle.fd, pos, end, SEGMENT_BATCH);
-      const resumeAt = seg[seg.length - 1];
-      for (let i = 0; i + 1 < seg.length; i += 2) {
-        const [start, stop] = [seg[i], seg[i + 1]];
-        if (start > pos) yield { offset: pos, length: start - pos, kind: 'zero', depth: 0, hostOffset: pos };
-        yield { offset: start, length: stop - start, kind: 'data', depth: 0, hostOffset: start };
-        pos = stop;
-      }
-      if (resumeAt >= end && pos < end) {
-        yield { offset: pos, length: end - pos, kind: 'zero', depth: 0, hostOffset: pos };
-        pos = end;
-      }
-      pos = Math.max(pos, resumeAt);
+    for (const run of fileRuns(this.handle.fd, offset, offset + length)) {
+      yield { offset: run.start, length: run.end - run.start, kind: run.data ? 'data' : 'zero', depth: 0, hostOffset: run.start };
     }
   }
 

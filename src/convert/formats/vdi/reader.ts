@@ -1,6 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { CorruptImageError } from '../../../errors.js';
-import { native } from '../../../native.js';
+import { fileRuns } from '../../sparse-file.js';
 import type { Extent, FormatDetails, ImageLayer } from '../../disk.js';
 import { readFully } from '../../output-file.js';
 import { PAGE_ENTRIES, dataOffset, firstUnreadableEntry, readPage, unreadableReason } from './block-map.js';
@@ -8,9 +8,6 @@ import { BLOCK_DISCARDED, HEADER_BYTES, TYPE_STATIC, parseHeader, virtualSizeOf,
 
 /** Block map pages kept in memory: 32 x 256 KiB, enough to walk 2 TiB without rereading. */
 const PAGE_CACHE_LIMIT = 32;
-/** How many SEEK_DATA/SEEK_HOLE pairs to ask for per native call. */
-const SEGMENT_BATCH = 4096;
-
 export class VdiLayer implements ImageLayer {
   readonly format = 'vdi';
   readonly virtualSize: number;
@@ -100,21 +97,7 @@ export class VdiLayer implements ImageLayer {
       depth: 0,
       hostOffset: from,
     });
-    let pos = hostStart;
-    while (pos < hostEnd) {
-      const seg = native.dataSegments(this.handle.fd, pos, hostEnd, SEGMENT_BATCH);
-      for (let i = 0; i + 1 < seg.length; i += 2) {
-        if (seg[i] > pos) yield piece(pos, seg[i], 'zero');
-        yield piece(seg[i], seg[i + 1], 'data');
-        pos = seg[i + 1];
-      }
-      const resumeAt = seg[seg.length - 1];
-      if (resumeAt >= hostEnd && pos < hostEnd) {
-        yield piece(pos, hostEnd, 'zero');
-        pos = hostEnd;
-      }
-      pos = Math.max(pos, resumeAt);
-    }
+    for (const run of fileRuns(this.handle.fd, hostStart, hostEnd)) yield piece(run.start, run.end, run.data ? 'data' : 'zero');
   }
 
   /** Reads contiguous runs of blocks with one read each, all runs in parallel. */

@@ -1,7 +1,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { CorruptImageError, UnsupportedFeatureError } from '../../../errors.js';
-import { native } from '../../../native.js';
+import { fileRuns } from '../../sparse-file.js';
 import type { Extent, FileReference, FormatDetails, ImageLayer } from '../../disk.js';
 import { readFully } from '../../output-file.js';
 import { BlockTable } from './block-table.js';
@@ -23,8 +23,6 @@ import {
   type ParentLocator,
 } from './layout.js';
 
-/** How many SEEK_DATA/SEEK_HOLE pairs to ask for per native call (fixed disks). */
-const SEGMENT_BATCH = 4096;
 /** Sector bitmaps of differencing disks kept in memory. */
 const BITMAP_CACHE_BYTES = 8 * 1024 * 1024;
 /** A parent path longer than Windows' 32767 UTF-16 units is not a path. */
@@ -136,20 +134,9 @@ export class VhdLayer implements ImageLayer {
     const end = offset + length;
     const inFile = Math.min(end, this.fileSize);
     let pos = offset;
-    while (pos < inFile) {
-      const seg = native.dataSegments(this.handle.fd, pos, inFile, SEGMENT_BATCH);
-      const resumeAt = seg[seg.length - 1];
-      for (let i = 0; i + 1 < seg.length; i += 2) {
-        const [start, stop] = [seg[i], seg[i + 1]];
-        if (start > pos) yield { offset: pos, length: start - pos, kind: 'zero', depth: 0, hostOffset: pos };
-        yield { offset: start, length: stop - start, kind: 'data', depth: 0, hostOffset: start };
-        pos = stop;
-      }
-      if (resumeAt >= inFile && pos < inFile) {
-        yield { offset: pos, length: inFile - pos, kind: 'zero', depth: 0, hostOffset: pos };
-        pos = inFile;
-      }
-      pos = Math.max(pos, resumeAt);
+    for (const run of fileRuns(this.handle.fd, offset, inFile)) {
+      yield { offset: run.start, length: run.end - run.start, kind: run.data ? 'data' : 'zero', depth: 0, hostOffset: run.start };
+      pos = run.end;
     }
     // A geometry larger than the file: QEMU reads zeroes past the end.
     if (pos < end) yield { offset: pos, length: end - pos, kind: 'zero', depth: 0 };

@@ -1,6 +1,6 @@
 import { open, stat, type FileHandle } from 'node:fs/promises';
 import { CorruptImageError, UnsupportedFeatureError } from '../../../errors.js';
-import { native } from '../../../native.js';
+import { fileRuns } from '../../sparse-file.js';
 import type { Extent, FileReference, FormatDetails, ImageLayer } from '../../disk.js';
 import type { OpenContext } from '../../format.js';
 import { readFully } from '../../output-file.js';
@@ -21,9 +21,6 @@ import { GrainTableCache, SparseExtent } from './sparse.js';
 
 /** createType values of descriptor files QEMU opens; the sparse ones name their type in the header instead. */
 const DESCRIPTOR_TYPES = new Set(['monolithicFlat', 'vmfs', 'vmfsSparse', 'twoGbMaxExtentSparse', 'twoGbMaxExtentFlat']);
-/** How many SEEK_DATA/SEEK_HOLE pairs to ask for per native call. */
-const SEGMENT_BATCH = 4096;
-
 /** One extent of the disk, addressed relative to its own start. */
 interface LayerExtent {
   readonly length: number;
@@ -58,20 +55,7 @@ class FlatExtent implements LayerExtent {
       hostFd: this.handle.fd,
       hostFile: this.path,
     });
-    while (pos < end) {
-      const seg = native.dataSegments(this.handle.fd, pos, end, SEGMENT_BATCH);
-      const resumeAt = seg[seg.length - 1];
-      for (let i = 0; i + 1 < seg.length; i += 2) {
-        if (seg[i] > pos) yield at(pos, seg[i], 'zero');
-        yield at(seg[i], seg[i + 1], 'data');
-        pos = seg[i + 1];
-      }
-      if (resumeAt >= end && pos < end) {
-        yield at(pos, end, 'zero');
-        pos = end;
-      }
-      pos = Math.max(pos, resumeAt);
-    }
+    for (const run of fileRuns(this.handle.fd, pos, end)) yield at(run.start, run.end, run.data ? 'data' : 'zero');
   }
 
   async read(offset: number, length: number, into: Buffer, at: number): Promise<void> {

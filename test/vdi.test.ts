@@ -5,6 +5,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ferry, imagesIdentical, qemuImg, qemuIo, requireTool, tempDir } from './helpers/env.js';
 import { makePatternedRaw } from './helpers/fixtures.js';
+import { expectImageRefused } from './helpers/hostile.js';
 
 const MiB = 1024 * 1024;
 /** Not a whole number of sectors: QEMU rounds the VDI disk size up, and Ferry must do the same. */
@@ -211,21 +212,8 @@ describe('hostile vdi inputs', () => {
   afterAll(() => cleanup());
 
   /** Converts `image` (with `-f vdi` when `forced`, for inputs a probe would call raw) and expects refusal. */
-  async function expectRefused(name: string, image: Buffer, pattern: RegExp, forced = false): Promise<void> {
-    const folder = join(dir, name);
-    await mkdir(folder, { recursive: true });
-    const path = join(folder, 'input.vdi');
-    await writeFile(path, image);
-    const r = await ferry(['convert', ...(forced ? ['-f', 'vdi'] : []), '-O', 'raw', path, join(folder, 'out.raw')], { timeoutMs: 20_000 });
-    expect(r.code, r.stderr).toBe(1);
-    const lines = r.stderr.trim().split('\n');
-    expect(lines).toHaveLength(1);
-    expect(lines[0]).toContain(path);
-    expect(lines[0]).toMatch(pattern);
-    expect(lines[0]).not.toMatch(/at .*\.js:\d+/);
-    expect(r.maxRssKiB).toBeGreaterThan(0);
-    expect(r.maxRssKiB).toBeLessThan(256 * 1024);
-    expect(await readdir(folder)).toEqual(['input.vdi']);
+  function expectRefused(name: string, image: Buffer, pattern: RegExp, forced = false): Promise<void> {
+    return expectImageRefused(join(dir, name), 'input.vdi', image, pattern, forced ? ['-f', 'vdi'] : []);
   }
 
   function patched(edit: (b: Buffer) => void): Buffer {

@@ -1,6 +1,7 @@
 /* Ferry's native helpers: the few things Node 20 cannot do, or cannot do fast enough, from JavaScript.
  * - sparse-file extents (SEEK_DATA/SEEK_HOLE) and hole punching
  * - read + zero detection in one thread-pool task, so the data is scanned while still in cache
+ * - mapping a file range and scanning it in place, so data is copied once (into the output) instead of twice
  * - batch compression/decompression of clusters off the main thread (zlib, zstd)
  * - CRC-32C
  * - XXH64 chunk hashes (the same definition the capture agent uses on the source, native/xxh64.h)
@@ -11,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <node_api.h>
 #include "ferry_native.h"
@@ -81,6 +83,18 @@ static size_t scan_runs(const uint8_t *p, size_t len, size_t gran, uint32_t *run
   return n;
 }
 
+typedef struct {
+  uint8_t *base;
+  size_t len;
+} mapping;
+
+/* Runs when the last view of a mapped range is gone, or at once when releaseMapping detaches it. */
+static void unmap_finalize(napi_env env, void *data, void *hint) {
+  mapping *m = hint;
+  munmap(m->base, m->len);
+  free(m);
+}
+
 typedef struct task task;
 typedef void (*task_fn)(task *);
 
@@ -106,6 +120,9 @@ struct task {
   size_t bytes;
   uint32_t *runs;
   size_t nruns;
+  /* mapScanned: the mapping, and where the requested range starts in it */
+  uint8_t *map_base;
+  size_t map_len, map_delta;
 };
 
 static void execute(napi_env env, void *data) {
@@ -138,6 +155,24 @@ static void complete(napi_env env, napi_status status, void *data) {
     napi_create_double(env, (double)t->bytes, &bytes_v);
     napi_set_named_property(env, result, "bytesRead", bytes_v);
     napi_set_named_property(env, result, "runs", arr);
+    if (t->map_base) {
+      napi_value buf;
+      mapping *m = malloc(sizeof *m);
+      if (m) {
+        m->base = t->map_base;
+        m->len = t->map_len;
+      }
+      if (!m || napi_create_external_buffer(env, t->len, t->map_base + t->map_delta, unmap_finalize, m, &buf) != napi_ok) {
+        munmap(t->map_base, t->map_len);
+        free(m);
+        napi_get_null(env, &buf);
+      }
+      napi_set_named_property(env, result, "buffer", buf);
+    }
+    napi_resolve_deferred(env, t->deferred, result);
+  } else if (t->map_len) {
+    /* mapScanned found the range cannot be mapped whole (past the end of the file): the caller reads it instead */
+    napi_get_null(env, &result);
     napi_resolve_deferred(env, t->deferred, result);
   } else {
     napi_create_double(env, (double)t->bytes, &result);
@@ -245,6 +280,78 @@ static napi_value scan_zeroes(napi_env env, napi_callback_info info) {
   t->run = run_scan;
   if (keep(env, t, argv[0]) != 0) return NULL;
   return queue(env, t, "ferry.scanZeroes");
+}
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+static void run_map_scan(task *t) {
+  long page = sysconf(_SC_PAGESIZE);
+  t->map_delta = (size_t)(t->pos % page);
+  t->map_len = t->len + t->map_delta;
+  void *p = mmap(NULL, t->map_len, PROT_READ, MAP_SHARED, t->fd, t->pos - (int64_t)t->map_delta);
+  if (p == MAP_FAILED) {
+    t->err = errno;
+    return;
+  }
+  /* Populating first turns a range past the end of the file into an error here instead of SIGBUS later,
+   * and maps the pages in one call instead of one fault per 64 KiB. */
+  if (madvise(p, t->map_len, MADV_POPULATE_READ) != 0) {
+    int e = errno;
+    munmap(p, t->map_len);
+    if (e != EFAULT && e != EINVAL) t->err = e;
+    return;
+  }
+  t->map_base = p;
+  t->bytes = t->len;
+  size_t max_runs = (t->gran ? (t->len + t->gran - 1) / t->gran : 0) + 2;
+  t->runs = malloc(max_runs * sizeof(uint32_t));
+  if (!t->runs) {
+    munmap(p, t->map_len);
+    t->map_base = NULL;
+    t->err = ENOMEM;
+    return;
+  }
+  t->nruns = scan_runs(t->map_base + t->map_delta, t->len, t->gran, t->runs, max_runs);
+}
+
+/* mapScanned(fd, position, length, granularity) -> Promise<{bytesRead, runs, buffer} | null>
+ * buffer is a read-only view of the file's page cache; null when the range is not wholly inside the file. */
+static napi_value map_scanned(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  task *t = calloc(1, sizeof *t);
+  if (!t) {
+    napi_throw_error(env, NULL, "mapScanned: out of memory");
+    return NULL;
+  }
+  t->fd = (int)arg_i64(env, argv[0]);
+  t->pos = arg_i64(env, argv[1]);
+  t->len = (size_t)arg_i64(env, argv[2]);
+  t->gran = (size_t)arg_i64(env, argv[3]);
+  if (t->len == 0 || t->pos < 0) {
+    free(t);
+    napi_throw_range_error(env, NULL, "mapScanned: empty or negative range");
+    return NULL;
+  }
+  t->run = run_map_scan;
+  return queue(env, t, "ferry.mapScanned");
+}
+
+/* releaseMapping(buffer): unmaps a mapScanned buffer now instead of at garbage collection, so mapped
+ * pages do not pile up in the process; every view of it becomes empty. */
+static napi_value release_mapping(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], ab;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  napi_typedarray_type type;
+  size_t length, offset;
+  void *data;
+  CHECK(napi_get_typedarray_info(env, argv[0], &type, &length, &data, &ab, &offset));
+  CHECK(napi_detach_arraybuffer(env, ab));
+  return NULL;
 }
 
 /* ---- codecs ---- */
@@ -840,6 +947,8 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"preadScan", NULL, pread_scan, NULL, NULL, NULL, napi_default, NULL},
       {"scanZeroes", NULL, scan_zeroes, NULL, NULL, NULL, napi_default, NULL},
+      {"mapScanned", NULL, map_scanned, NULL, NULL, NULL, napi_default, NULL},
+      {"releaseMapping", NULL, release_mapping, NULL, NULL, NULL, napi_default, NULL},
       {"compressBlocks", NULL, compress_blocks, NULL, NULL, NULL, napi_default, NULL},
       {"decompressBlocks", NULL, decompress_blocks, NULL, NULL, NULL, napi_default, NULL},
       {"dataSegments", NULL, data_segments, NULL, NULL, NULL, napi_default, NULL},

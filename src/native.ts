@@ -23,6 +23,13 @@ export interface ScanResult {
 interface FerryNative {
   preadScan(fd: number, buffer: Buffer, length: number, position: number, granularity: number): Promise<ScanResult>;
   scanZeroes(buffer: Buffer, length: number, granularity: number): Promise<ScanResult>;
+  /**
+   * Maps [position, position+length) of a file read-only and scans it like preadScan, without copying:
+   * `buffer` views the page cache. Null when the range is not wholly inside the file.
+   */
+  mapScanned(fd: number, position: number, length: number, granularity: number): Promise<(ScanResult & { buffer: Buffer }) | null>;
+  /** Unmaps a mapScanned buffer now; every view of it becomes empty. */
+  releaseMapping(buffer: Buffer): void;
   compressBlocks(
     codec: Codec,
     level: number,

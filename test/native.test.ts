@@ -47,6 +47,27 @@ describe('native helpers', () => {
     expect(Array.from(runs)).toEqual([0, 4096, 4096, 4096 * 7, 4096, 4096 * 6]);
   });
 
+  it('maps a file range and scans it in place, refusing ranges past the end of the file', async () => {
+    const path = join(dir, 'mapped');
+    const data = Buffer.alloc(3 * 4096 + 700);
+    data.fill(5, 4096, 8192);
+    const h = await open(path, 'w+');
+    await h.write(data, 0, data.length, 0);
+    // An unaligned start maps from the page below it.
+    const mapped = await native.mapScanned(h.fd, 100, 3 * 4096, 4096);
+    expect(mapped).not.toBeNull();
+    const { buffer, runs } = mapped!;
+    expect(buffer.equals(data.subarray(100, 100 + 3 * 4096))).toBe(true);
+    // Bytes 100.. : two blocks reaching into the filled page, then one zero block.
+    expect(Array.from(runs)).toEqual([8192, 4096]);
+    const view = buffer.subarray(10, 20);
+    native.releaseMapping(buffer);
+    expect(buffer.length).toBe(0);
+    expect(view.length).toBe(0);
+    expect(await native.mapScanned(h.fd, 4 * 4096, 4096, 4096)).toBeNull();
+    await h.close();
+  });
+
   it('scans buffers that end in a partial block', async () => {
     const buf = Buffer.alloc(5000);
     buf[4999] = 9;

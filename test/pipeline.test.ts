@@ -23,7 +23,7 @@ function memoryDisk(bytes: Buffer, map: Extent[]): DiskReader {
     },
     async readScanned(offset, length, into, granularity) {
       bytes.copy(into, 0, offset, offset + length);
-      return (await native.scanZeroes(into, length, granularity)).runs;
+      return { data: into.subarray(0, length), runs: (await native.scanZeroes(into, length, granularity)).runs, release: () => undefined };
     },
     async close() {},
   };

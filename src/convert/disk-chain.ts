@@ -1,5 +1,5 @@
 import { native } from '../native.js';
-import type { DiskReader, Extent, ImageLayer } from './disk.js';
+import type { DiskReader, Extent, ImageLayer, ScannedRange } from './disk.js';
 
 /**
  * A disk read through its backing chain, the way QEMU's block layer does it generically: each layer
@@ -58,17 +58,19 @@ export class DiskChain implements DiskReader {
     }
   }
 
-  async readScanned(offset: number, length: number, into: Buffer, granularity: number): Promise<Uint32Array> {
+  async readScanned(offset: number, length: number, into: Buffer, granularity: number): Promise<ScannedRange> {
     const direct = await this.singleHostRange(offset, length);
     if (direct) {
+      const mapped = await native.mapScanned(direct.fd, direct.position, length, granularity);
+      if (mapped) return { data: mapped.buffer, runs: mapped.runs, release: () => native.releaseMapping(mapped.buffer) };
+      // Not wholly inside the file: read what is there, the rest reads as zeroes.
       const { bytesRead, runs } = await native.preadScan(direct.fd, into, length, direct.position, granularity);
-      if (bytesRead === length) return runs;
-      // A short read means the file ends inside the range: the rest reads as zeroes.
+      if (bytesRead === length) return { data: into.subarray(0, length), runs, release: noop };
       into.fill(0, bytesRead, length);
     } else {
       await this.read(offset, length, into);
     }
-    return (await native.scanZeroes(into, length, granularity)).runs;
+    return { data: into.subarray(0, length), runs: (await native.scanZeroes(into, length, granularity)).runs, release: noop };
   }
 
   /** The file range holding all of [offset, offset+length), when one plain contiguous range does. */
@@ -86,6 +88,8 @@ export class DiskChain implements DiskReader {
     await Promise.all(this.layers.map((l) => l.close()));
   }
 }
+
+const noop = () => undefined;
 
 function canMerge(a: Extent, b: Extent): boolean {
   if (a.kind !== b.kind || a.depth !== b.depth || a.offset + a.length !== b.offset || a.hostFd !== b.hostFd) return false;

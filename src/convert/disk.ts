@@ -61,6 +61,13 @@ export interface ImageLayer {
   close(): Promise<void>;
 }
 
+export interface ScannedRange {
+  data: Buffer;
+  /** Alternating run lengths, data first: [data, zero, data, zero, ...]. */
+  runs: Uint32Array;
+  release(): void;
+}
+
 /** A whole disk: an image and its resolved backing chain, read as one. */
 export interface DiskReader {
   readonly format: string;
@@ -74,9 +81,11 @@ export interface DiskReader {
   read(offset: number, length: number, into: Buffer): Promise<void>;
   /**
    * Reads like `read` and also reports which `granularity`-sized blocks are all zeroes, in one pass over
-   * the data while it is in cache.
+   * the data while it is in cache. When the range is one plain range of a file, the data is not read into
+   * `into` but mapped from the page cache (one copy fewer); `release` must then be called once the data is
+   * no longer used.
    */
-  readScanned(offset: number, length: number, into: Buffer, granularity: number): Promise<Uint32Array>;
+  readScanned(offset: number, length: number, into: Buffer, granularity: number): Promise<ScannedRange>;
   close(): Promise<void>;
 }
 

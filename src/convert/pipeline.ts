@@ -87,10 +87,13 @@ export async function copyDisk(source: DiskReader, target: DiskWriter, opts: Pip
         if (!skipZeroes) await order.run(chunk.seq, () => writeZeroRange(chunk.offset, chunk.length));
         else order.skip(chunk.seq);
       } else {
-        const data = buffer.subarray(0, chunk.length);
-        const runs = await source.readScanned(chunk.offset, chunk.length, data, granularity);
+        const { data, runs, release } = await source.readScanned(chunk.offset, chunk.length, buffer, granularity);
         stats.bytesRead += chunk.length;
-        await order.run(chunk.seq, () => writeRuns(chunk.offset, data, runs));
+        try {
+          await order.run(chunk.seq, () => writeRuns(chunk.offset, data, runs));
+        } finally {
+          release();
+        }
       }
       stats.done += chunk.length;
       report();
@@ -112,7 +115,10 @@ export async function copyDisk(source: DiskReader, target: DiskWriter, opts: Pip
       }
       at += len;
     }
-    await Promise.all(writes);
+    // Every write must be over before the data can be released (it may be a mapping of the source).
+    const settled = await Promise.allSettled(writes);
+    const failure = settled.find((r) => r.status === 'rejected');
+    if (failure) throw failure.reason;
   };
 
   await Promise.all(Array.from({ length: workers }, worker));

@@ -79,11 +79,14 @@ export function registerConvert(program: Command): void {
         },
       });
       progress.done(stats);
-      const { createLogger } = await import('../log.js');
-      createLogger('convert').info(
-        { source: src, target: dst, format: o.outputFormat, ...stats, elapsedMs: Math.round(stats.elapsedMs) },
-        'conversion finished',
-      );
+      // The CLI logs at warn unless FERRY_LOG_LEVEL says otherwise: only then is pino worth loading.
+      if (process.env.FERRY_LOG_LEVEL) {
+        const { createLogger } = await import('../log.js');
+        createLogger('convert').info(
+          { source: src, target: dst, format: o.outputFormat, ...stats, elapsedMs: Math.round(stats.elapsedMs) },
+          'conversion finished',
+        );
+      }
       if (o.inject) await injectIntoOutput(dst, o.outputFormat, o.inject, o.drivers);
     });
 }

@@ -16,7 +16,27 @@ import { registerWorker } from './worker.js';
 /** Exit status for failures, per command; compare uses 2 like qemu-img, check 1 ("could not run"). */
 const ERROR_EXIT: Record<string, number> = { compare: 2, check: 1 };
 
-export function buildProgram(): Command {
+/** Each command's registration; a name maps to the function that defines it (migrate defines two). */
+const COMMANDS: Array<[names: string[], register: (program: Command) => void]> = [
+  [['info'], registerInfo],
+  [['convert'], registerConvert],
+  [['check'], registerCheck],
+  [['compare'], registerCompare],
+  [['map'], registerMap],
+  [['measure'], registerMeasure],
+  [['migrate', 'migrate-listen'], registerMigrate],
+  [['inspect'], registerInspect],
+  [['inject'], registerInject],
+  [['capture'], registerCapture],
+  [['serve'], registerServe],
+  [['worker'], registerWorker],
+];
+
+/**
+ * The CLI. Given the command about to run, only that command is defined: building every command's
+ * options costs more start-up time than a small conversion takes.
+ */
+export function buildProgram(only?: string): Command {
   const program = new Command();
   program
     .name('ferry')
@@ -30,18 +50,9 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
 
-  registerInfo(program);
-  registerConvert(program);
-  registerCheck(program);
-  registerCompare(program);
-  registerMap(program);
-  registerMeasure(program);
-  registerMigrate(program);
-  registerInspect(program);
-  registerInject(program);
-  registerCapture(program);
-  registerServe(program);
-  registerWorker(program);
+  const selected = COMMANDS.filter(([names]) => only !== undefined && names.includes(only));
+  for (const [, register] of selected.length ? selected : COMMANDS) register(program);
+  if (selected.length) return program;
 
   program
     .command('formats')
@@ -58,7 +69,7 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
-  const program = buildProgram();
+  const program = buildProgram(argv[2]);
   const debug = argv.includes('--debug');
   try {
     await program.parseAsync(argv);

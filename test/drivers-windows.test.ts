@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { copyFile, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -103,6 +103,29 @@ describe('Windows driver injection on synthetic NTFS images', () => {
     expect((await ntfsRead(disk, work, 'Windows/System32/drivers/viostor.sys')).toString()).toBe('MZ fake viostor for w10/amd64');
     expect((await ntfsRead(disk, work, 'Windows/Drivers/Ferry/netkvm/netkvm.inf')).toString()).toContain('kvmnet6.ndi');
     expect((await ntfsRead(disk, work, 'Windows/INF/oem1.inf')).toString()).toContain('rhelscsi_inst');
+  }, 2 * TIMEOUT);
+
+  it('takes the drivers from a virtio-win ISO as from the folder, and refuses a file that is not an ISO', async () => {
+    requireTool('xorriso', 'xorriso');
+    const iso = join(dir, 'virtio-win.iso');
+    // Rock Ridge keeps the names as they are, as in Red Hat's virtio-win.iso; a symlink to a host file is dropped.
+    await symlink('/etc/hostname', join(virtioWin, 'viostor', 'w10', 'amd64', 'hostname.inf'));
+    await run('xorriso', ['-as', 'mkisofs', '-R', '-J', '-quiet', '-o', iso, virtioWin]);
+    await rm(join(virtioWin, 'viostor', 'w10', 'amd64', 'hostname.inf'));
+    const disk = join(dir, 'w10-iso.raw');
+    await copyFile(win10, disk);
+    const fromFolder = await ferry(['inject', '--target', 'kvm', '--drivers', virtioWin, '--dry-run', '--output', 'json', disk], { timeoutMs: TIMEOUT });
+    const fromIso = await ferry(['inject', '--target', 'kvm', '--drivers', iso, '--dry-run', '--output', 'json', disk], { timeoutMs: TIMEOUT });
+    expect(fromIso.code, fromIso.stderr).toBe(0);
+    const isoChanges = (JSON.parse(fromIso.stdout) as InjectionReport).changes;
+    expect(summary(isoChanges)).toEqual(summary((JSON.parse(fromFolder.stdout) as InjectionReport).changes));
+    expect(summary(isoChanges).some((c) => c.includes('hostname'))).toBe(false);
+
+    const notIso = join(dir, 'drivers.zip');
+    await writeFile(notIso, 'PK not an iso');
+    const refused = await ferry(['inject', '--target', 'kvm', '--drivers', notIso, '--dry-run', disk], { timeoutMs: TIMEOUT });
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toMatch(/neither a folder nor an ISO 9660 image/);
   }, 2 * TIMEOUT);
 
   it('kvm on Windows 7: the drivers for 7 and the CriticalDeviceDatabase', async () => {

@@ -52,7 +52,7 @@ export function registerConvert(program: Command): void {
     .option('-q, --quiet', 'no progress output')
     .option('--allow-external', 'allow backing files outside the image folder')
     .option('--inject <target>', 'then make the converted guest boot on TARGET (kvm, hyperv, vmware, xen, aws, azure): see ferry inject')
-    .option('--drivers <path>', 'with --inject: Windows driver folder (virtio-win for kvm)')
+    .option('--drivers <path>', 'with --inject: Windows driver folder or ISO (virtio-win folder or virtio-win.iso for kvm)')
     .action(async (src: string, dst: string, o) => {
       if (await printOptionsHelp(o.outputFormat, o.options)) return;
       if (!CACHE_MODES.includes(o.cache)) throw new InvalidOptionError(`-t must be one of ${CACHE_MODES.join(', ')}`, { field: 'cache' });

@@ -15,7 +15,7 @@ export function registerInject(program: Command): void {
     )
     .argument('<image>', 'writable disk image')
     .requiredOption('--target <name>', `target platform: ${targetProfiles.map((p) => p.name).join(', ')}`)
-    .option('--drivers <path>', 'Windows driver folder (virtio-win for kvm; VMware, Xen or AWS driver folders)')
+    .option('--drivers <path>', 'Windows driver folder or ISO 9660 image (virtio-win folder or virtio-win.iso for kvm; VMware, Xen or AWS driver folders)')
     .option('--dry-run', 'print the changes without making them (the image is opened read-only)')
     .option('-f, --format <fmt>', 'image format as qemu names it (probed when omitted)')
     .option('--output <fmt>', 'human or json', 'human')

@@ -9,6 +9,7 @@ import { inspectGuest, mountGuest, qemuFormatOf } from './inspect.js';
 import { planLinux, verifyLinux } from './linux/fixer.js';
 import { findTarget } from './targets/index.js';
 import type { Change, InjectionReport, Inspection } from './types.js';
+import { driverFolder, driverMediaKind } from './windows/driver-media.js';
 import { planWindows, verifyWindows } from './windows/fixer.js';
 
 export type { Change, InjectionReport, Inspection } from './types.js';
@@ -35,7 +36,7 @@ export async function inspectImage(image: string, opts: InspectOptions = {}): Pr
 export interface InjectOptions {
   /** Target profile name: kvm, hyperv, vmware, xen, aws or azure. */
   target: string;
-  /** Windows drivers: a virtio-win folder (KVM) or a driver folder (VMware, Xen, AWS). */
+  /** Windows drivers: a virtio-win folder or ISO (KVM), or a driver folder or ISO (VMware, Xen, AWS). */
   driversPath?: string;
   /** Plan and report only; the image is opened read-only. */
   dryRun?: boolean;
@@ -54,6 +55,7 @@ export async function injectDrivers(image: string, opts: InjectOptions): Promise
   const dryRun = opts.dryRun === true;
   const startedAt = new Date();
   if (!dryRun) await access(image, constants.R_OK | constants.W_OK);
+  if (opts.driversPath !== undefined) await driverMediaKind(opts.driversPath);
   const work = await mkdtemp(join(tmpdir(), 'ferry-inject-'));
   const g = await GuestFs.open([{ path: image, format: opts.format ?? (await qemuFormatOf(image)), readonly: dryRun }]);
   let report: InjectionReport;
@@ -69,7 +71,8 @@ export async function injectDrivers(image: string, opts: InjectOptions): Promise
       plan = linuxPlan;
       verify = () => verifyLinux(g, linuxPlan, work);
     } else {
-      plan = await planWindows(g, inspection, profile, opts.driversPath, work);
+      const driversDir = opts.driversPath === undefined ? undefined : await driverFolder(opts.driversPath, work);
+      plan = await planWindows(g, inspection, profile, driversDir, work);
       verify = () => verifyWindows(g, plan.changes, work);
     }
     const warnings = [...plan.warnings];

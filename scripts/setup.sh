@@ -29,10 +29,12 @@ PACKAGES=(
   "debootstrap:debootstrap"      # driver injection tests: the Debian guest fixture
   "grub-pc-bin:/usr/lib/grub/i386-pc/boot.img" # driver injection tests: GRUB for the Debian guest fixture (grub-mkimage)
   "e2fsprogs:mkfs.ext4"          # driver injection tests: the fixture's root filesystem (mkfs.ext4 -d)
+  "xfsprogs:mkfs.xfs"            # capture tests: XFS images (mkfs.xfs -p), checked with xfs_db and xfs_repair
   "fdisk:sfdisk"                 # driver injection tests: partition tables on image files
   "initramfs-tools-core:lsinitramfs" # driver injection tests: an independent reader of initramfs images
   "virt-v2v:virt-v2v-in-place"   # driver injection benchmark: the peer Ferry is measured against
   "nbdkit:nbdkit"                # virt-v2v-in-place -i disk reads the disk through nbdkit
+  "xorriso:xorriso"              # driver injection: --drivers virtio-win.iso is unpacked without mounting
 )
 
 missing=()

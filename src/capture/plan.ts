@@ -3,6 +3,7 @@ import { extUsage } from './ext.js';
 import { readPartitionTable, type PartitionTable } from './partitions.js';
 import type { ByteRange } from './ranges.js';
 import type { BlockSource } from './source.js';
+import { xfsUsage } from './xfs.js';
 
 /** A filesystem found on the source whose free space is skipped. */
 export interface FilesystemArea {
@@ -53,7 +54,7 @@ export async function planCapture(source: BlockSource, chunkSize: number, opts: 
   if (opts.usedBlocksOnly) {
     const areas = table.partitions.length ? table.partitions.map((p) => ({ start: p.start, length: p.length })) : [{ start: 0, length: source.size }];
     for (const area of areas) {
-      const usage = await extUsage(read, area.start, area.length, source.parallelism);
+      const usage = (await extUsage(read, area.start, area.length, source.parallelism)) ?? (await xfsUsage(read, area.start, area.length, source.parallelism));
       if (!usage) continue;
       const trusted = !(opts.exact && usage.needsRecovery);
       filesystems.push({ start: area.start, size: usage.size, type: usage.type, usedBytes: usage.usedBytes, skippedFree: trusted });

@@ -3,7 +3,7 @@
  * blocks no file uses. The source is hostile input: any field out of range makes the filesystem
  * "unknown" (copied whole), never a crash or a wrong skip.
  */
-import type { ByteRange, ReadAt } from './ranges.js';
+import { type ByteRange, type ReadAt, inParallel } from './ranges.js';
 
 export interface ExtUsage {
   type: 'ext2' | 'ext3' | 'ext4';
@@ -214,13 +214,4 @@ export async function extUsage(read: ReadAt, start: number, length: number, para
     free,
     needsRecovery: (incompat & INCOMPAT_RECOVER) !== 0,
   };
-}
-
-async function inParallel<T>(items: T[], parallelism: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.max(1, Math.min(parallelism * 2, items.length)) }, async () => {
-      while (next < items.length) await fn(items[next++]);
-    }),
-  );
 }

@@ -1,5 +1,6 @@
 import { MAX_CHUNK } from '../transfer/protocol.js';
 import { extUsage } from './ext.js';
+import { ntfsUsage } from './ntfs.js';
 import { readPartitionTable, type PartitionTable } from './partitions.js';
 import type { ByteRange } from './ranges.js';
 import type { BlockSource } from './source.js';
@@ -54,7 +55,7 @@ export async function planCapture(source: BlockSource, chunkSize: number, opts: 
   if (opts.usedBlocksOnly) {
     const areas = table.partitions.length ? table.partitions.map((p) => ({ start: p.start, length: p.length })) : [{ start: 0, length: source.size }];
     for (const area of areas) {
-      const usage = (await extUsage(read, area.start, area.length, source.parallelism)) ?? (await xfsUsage(read, area.start, area.length, source.parallelism));
+      const usage = (await extUsage(read, area.start, area.length, source.parallelism)) ?? (await xfsUsage(read, area.start, area.length, source.parallelism)) ?? (await ntfsUsage(read, area.start, area.length, source.parallelism));
       if (!usage) continue;
       const trusted = !(opts.exact && usage.needsRecovery);
       filesystems.push({ start: area.start, size: usage.size, type: usage.type, usedBytes: usage.usedBytes, skippedFree: trusted });

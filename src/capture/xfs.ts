@@ -6,7 +6,7 @@
  */
 import { native } from '../native.js';
 import type { ExtUsage } from './ext.js';
-import type { ByteRange, ReadAt } from './ranges.js';
+import { type ByteRange, type ReadAt, inParallel } from './ranges.js';
 
 /** Same role and fields as ExtUsage; `needsRecovery` means the log may hold allocations the trees miss. */
 export interface XfsUsage extends Omit<ExtUsage, 'type'> {
@@ -560,13 +560,4 @@ function checksumOk(buf: Buffer, at: number): boolean {
 function u64(buf: Buffer, at: number): number | undefined {
   const value = buf.readBigUInt64BE(at);
   return value > BigInt(Number.MAX_SAFE_INTEGER) ? undefined : Number(value);
-}
-
-async function inParallel<T>(items: T[], parallelism: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.max(1, Math.min(parallelism * 2, items.length)) }, async () => {
-      while (next < items.length) await fn(items[next++]);
-    }),
-  );
 }

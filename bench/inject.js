@@ -2,6 +2,7 @@
 // built for other hardware, no virtio in its initramfs). Both tools fix the guest for KVM in place.
 import { execFileSync } from 'node:child_process';
 import { existsSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { FERRY, WORK, machineLine, median, publish, sync, timed } from './lib.js';
 
@@ -29,6 +30,7 @@ export async function runInjectBench({ runs = 2 } = {}) {
     peer: ['virt-v2v-in-place', '-i', 'disk', copy],
   };
   const results = { ferry: [], peer: [] };
+  const loadBefore = loadavg()[0];
   for (let i = 0; i < runs; i++) {
     for (const who of ['ferry', 'peer']) {
       execFileSync('cp', ['--sparse=always', pristine, copy]);
@@ -39,6 +41,7 @@ export async function runInjectBench({ runs = 2 } = {}) {
       results[who].push(r);
     }
   }
+  const loadAfter = loadavg()[0];
   rmSync(copy, { force: true });
   rmSync(`${copy}.ferry-inject.json`, { force: true });
   const row = (who) => ({ seconds: median(results[who].map((r) => r.seconds)), best: Math.min(...results[who].map((r) => r.seconds)), rss: Math.max(...results[who].map((r) => r.rssMiB)) });
@@ -47,9 +50,12 @@ export async function runInjectBench({ runs = 2 } = {}) {
   const v2v = execFileSync('virt-v2v-in-place', ['--version'], { encoding: 'utf8' }).trim();
   const lines = [
     `Measured ${new Date().toISOString().slice(0, 10)} on ${machineLine()}, ${v2v}; libguestfs appliance under ${accelerator.toUpperCase()};`,
-    `${runs === 1 ? 'one run' : `${runs} alternating runs, medians`} each on a fresh copy of the Debian 12 test guest. Ratio = Ferry time / virt-v2v time;`,
+    `${runs === 1 ? 'one run' : `${runs} alternating runs, medians`} each on a fresh copy of the Debian 12 test guest; load average ${loadBefore.toFixed(1)} before and ${loadAfter.toFixed(1)} after`,
+    '(the appliances of both tools run under TCG, so figures from a machine busy with other work are noisy). Ratio = Ferry time / virt-v2v time;',
     'peak RSS is the largest process of each run: the libguestfs appliance\'s qemu for both.',
-    'Both tools rebuild the initramfs with the guest\'s own update-initramfs inside the appliance, which dominates both times under TCG.',
+    'virt-v2v rebuilds the initramfs with the guest\'s update-initramfs inside the appliance, which dominates its time under TCG;',
+    'Ferry extends the guest\'s initramfs-tools image on the host (`src/drivers/linux/initramfs-tools-host.ts`; dracut guests still rebuild in the appliance)',
+    'and recognises this guest with its own light detection instead of libguestfs inspect-os (`src/drivers/linux/detect.ts`).',
     '',
     '| guest | Ferry `inject --target kvm` (s) | `virt-v2v-in-place -i disk` (s) | ratio | best (s) | peak RSS Ferry / virt-v2v (MiB) |',
     '|---|---:|---:|---:|---:|---:|',

@@ -66,6 +66,9 @@ describe('ferry inject --target kvm on a Debian guest built for other hardware',
     expect(byPath('/etc/initramfs-tools/modules')?.after).toContain('virtio_blk\n');
     expect(report.changes).toContainEqual(expect.objectContaining({ kind: 'guest.command', command: 'dpkg --purge open-vm-tools' }));
     expect(report.changes.some((c) => c.kind === 'file.copy' && c.path.endsWith('.ferry-bak'))).toBe(true);
+    // initramfs-tools images are extended on the host; the guest's update-initramfs does not run in the appliance.
+    expect(report.changes).toContainEqual(expect.objectContaining({ kind: 'file.upload', path: expect.stringMatching(/^\/boot\/initrd\.img-/) }));
+    expect(report.changes.some((c) => c.kind === 'guest.command' && c.command.startsWith('update-initramfs'))).toBe(false);
     expect(byPath('/var/lib/ferry/firstboot.d/20-install-kvm-agent.sh')?.after).toContain('apt-get install -y qemu-guest-agent');
 
     const boot = await bootUntil(guest, { marker: BOOT_MARKER, failures: ROOT_NOT_FOUND, timeoutMs: BOOT_TIMEOUT_MS, log: join(dir, 'after.log') });

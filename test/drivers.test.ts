@@ -1,10 +1,11 @@
 import { execFile } from 'node:child_process';
-import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InvalidOptionError } from '../src/errors.js';
-import { listInitramfs, modulesIn } from '../src/drivers/initramfs.js';
+import { S_IFDIR, S_IFREG, listInitramfs, modulesIn, openInitramfs, resolveInImage, rewriteInitramfs } from '../src/drivers/initramfs.js';
+import { moduleClosure, parseAliases, parseBuiltin, parseModulesDep, parseSoftdeps } from '../src/drivers/linux/module-deps.js';
 import { DeviceResolver, applianceDevice } from '../src/drivers/linux/devices.js';
 import { dracut, initramfsTools } from '../src/drivers/linux/initramfs-strategy.js';
 import { macBindingChanges, nicNameChanges, primaryNicName } from '../src/drivers/linux/network.js';
@@ -94,6 +95,9 @@ describe('driver injection building blocks', () => {
     const conf = dracut.configure(null, ['virtio_blk', 'virtio_scsi'], kvm);
     expect(conf).toMatchObject({ path: '/etc/dracut.conf.d/90-ferry-kvm.conf', before: null });
     expect(conf!.kind === 'file.write' && conf!.after).toContain('add_drivers+=" virtio_blk virtio_scsi "');
+    // dracut images are rebuilt by the guest's dracut in the appliance; initramfs-tools images can be extended on the host.
+    expect(dracut.rebuildOnHost).toBeUndefined();
+    expect(initramfsTools.rebuildOnHost).toBeTypeOf('function');
     expect(dracut.rebuildCommand({ version: '5.14.0-1.el9', vmlinuz: null, initramfs: null, builtin: [] }, '/boot/initramfs-5.14.0-1.el9.img')).toBe(
       'dracut -f /boot/initramfs-5.14.0-1.el9.img 5.14.0-1.el9',
     );
@@ -109,6 +113,91 @@ describe('driver injection building blocks', () => {
     const theirs = stdout.split('\n').filter((l) => l && l !== '.').map((l) => '/' + l.replace(/^\.\//, ''));
     expect(new Set(ours)).toEqual(new Set(theirs));
     expect(modulesIn(ours).length).toBeGreaterThan(10);
+  });
+
+  it('module closure: modules.dep dependencies, softdeps (aliases through modules.alias), hidden dependencies, built-ins skipped', () => {
+    const index = {
+      modules: parseModulesDep(
+        [
+          'kernel/drivers/virtio/virtio.ko:',
+          'kernel/drivers/virtio/virtio_ring.ko:',
+          'kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko',
+          'kernel/drivers/scsi/sd_mod.ko: kernel/lib/crc-t10dif.ko kernel/drivers/scsi/scsi_mod.ko',
+          'kernel/drivers/scsi/scsi_mod.ko:',
+          'kernel/lib/crc-t10dif.ko: kernel/crypto/crct10dif_common.ko',
+          'kernel/crypto/crct10dif_common.ko:',
+          'kernel/crypto/crct10dif_generic.ko: kernel/crypto/crct10dif_common.ko',
+          'kernel/arch/x86/crypto/crct10dif-pclmul.ko.xz: kernel/crypto/crct10dif_common.ko',
+          'kernel/drivers/nvme/host/nvme.ko: kernel/drivers/nvme/host/nvme-core.ko',
+          'kernel/drivers/nvme/host/nvme-core.ko:',
+          'kernel/drivers/pci/controller/vmd.ko:',
+          '',
+        ].join('\n'),
+      ),
+      softdeps: parseSoftdeps('# Soft dependencies extracted from modules themselves.\nsoftdep crc_t10dif pre: crct10dif\nsoftdep cifs gcm\n'),
+      builtin: parseBuiltin('kernel/drivers/scsi/scsi_mod.ko\n'),
+    };
+    const first = moduleClosure(index, ['virtio_blk', 'sd_mod', 'no_such_module']);
+    expect(first.paths).toEqual([
+      'kernel/drivers/block/virtio_blk.ko',
+      'kernel/drivers/virtio/virtio_ring.ko',
+      'kernel/drivers/virtio/virtio.ko',
+      'kernel/drivers/scsi/sd_mod.ko',
+      'kernel/lib/crc-t10dif.ko',
+      'kernel/drivers/scsi/scsi_mod.ko',
+      'kernel/crypto/crct10dif_common.ko',
+    ]);
+    expect(first.unresolvedAliases).toEqual(['crct10dif']);
+    // scsi_mod is built in: listed as sd_mod's dependency, but never needed as a file of its own.
+    const withAliases = moduleClosure(
+      { ...index, builtin: new Set<string>(), aliases: parseAliases('alias crypto-crct10dif crct10dif_generic\nalias crct10dif crct10dif_generic\nalias crct10dif* crct10dif_pclmul\nalias pci:v00008086d* vmd\n') },
+      ['sd_mod'],
+    );
+    expect(withAliases.unresolvedAliases).toEqual([]);
+    expect(withAliases.paths).toContain('kernel/crypto/crct10dif_generic.ko');
+    expect(withAliases.paths).toContain('kernel/arch/x86/crypto/crct10dif-pclmul.ko.xz');
+    expect(moduleClosure(index, ['nvme']).paths).toEqual(['kernel/drivers/nvme/host/nvme.ko', 'kernel/drivers/nvme/host/nvme-core.ko', 'kernel/drivers/pci/controller/vmd.ko']);
+    expect(moduleClosure(index, ['scsi_mod']).paths).toEqual([]);
+  });
+
+  it('rewrites a real initramfs: early archives kept, members replaced and added, readable by lsinitramfs and unmkinitramfs', async () => {
+    requireTool('lsinitramfs', 'initramfs-tools-core');
+    requireTool('unmkinitramfs', 'initramfs-tools-core');
+    const images = (await readdir('/boot')).filter((n) => n.startsWith('initrd.img-'));
+    expect(images.length, 'an initramfs in /boot: install the Debian package linux-image-amd64').toBeGreaterThan(0);
+    // An early uncompressed archive in front, as microcode updates are shipped.
+    requireTool('cpio', 'cpio');
+    const early = join(dir, 'early');
+    await mkdir(join(early, 'kernel/x86/microcode'), { recursive: true });
+    await writeFile(join(early, 'kernel/x86/microcode/GenuineIntel.bin'), 'not really microcode');
+    const { stdout: earlyArchive } = await run('sh', ['-c', `cd ${early} && find . | sort | cpio --quiet -o -H newc`], { encoding: 'buffer', maxBuffer: 1024 * 1024 });
+    const original = join(dir, 'original.img');
+    await writeFile(original, Buffer.concat([earlyArchive, await readFile(join('/boot', images[0]!))]));
+    const image = await openInitramfs(original);
+    expect(image.head.length).toBe(earlyArchive.length);
+    // mkinitramfs builds usr-merged images: lib is a link to usr/lib, which a new member must go through.
+    expect(resolveInImage(image, 'lib/modules')).toBe('usr/lib/modules');
+    expect(resolveInImage(image, '/lib/../lib/systemd/network/x.link')).toBe('usr/lib/systemd/network/x.link');
+    const conf = 'conf/initramfs.conf';
+    const added = Buffer.from('# written by the test\n');
+    const rebuilt = await rewriteInitramfs(image, new Set([conf]), [
+      { name: 'ferry-test', mode: S_IFDIR | 0o755 },
+      { name: 'ferry-test/added.txt', mode: S_IFREG | 0o644, data: added },
+      { name: conf, mode: S_IFREG | 0o644, data: Buffer.from('MODULES=list\n') },
+    ]);
+    const path = join(dir, 'rebuilt.img');
+    await writeFile(path, rebuilt);
+    const list = async (file: string) => (await run('lsinitramfs', [file], { maxBuffer: 64 * 1024 * 1024 })).stdout.split('\n').filter(Boolean).sort();
+    expect(await list(path)).toEqual([...(await list(original)), 'ferry-test', 'ferry-test/added.txt'].sort());
+    expect(rebuilt.subarray(0, image.head.length).equals(image.head)).toBe(true);
+    const out = join(dir, 'unpacked');
+    await run('unmkinitramfs', [path, out], { maxBuffer: 64 * 1024 * 1024 });
+    // unmkinitramfs puts the early archive in early/ and the main one in main/.
+    expect(await readFile(join(out, 'early/kernel/x86/microcode/GenuineIntel.bin'), 'utf8')).toBe('not really microcode');
+    const root = join(out, 'main');
+    expect(await readFile(join(root, 'ferry-test/added.txt'))).toEqual(added);
+    expect(await readFile(join(root, conf), 'utf8')).toBe('MODULES=list\n');
+    expect(await listInitramfs(path)).toContain('/ferry-test/added.txt');
   });
 
   it('registry changes as .reg data merge into a hive and read back with hivexget', async () => {

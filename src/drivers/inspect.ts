@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { probeFormat } from '../convert/open.js';
 import type { GuestFs } from './guestfs.js';
 import { listInitramfs, modulesIn, normaliseModule } from './initramfs.js';
+import { detectDebianFamily } from './linux/detect.js';
 import { targetProfiles } from './targets/index.js';
 import type { FilesystemInfo, GuestTool, Inspection, KernelInfo, LinuxDetails, OperatingSystem, PartitionInfo } from './types.js';
 import { inspectWindows } from './windows/inspect.js';
@@ -31,24 +32,33 @@ export async function inspectGuest(g: GuestFs, image: string): Promise<Inspectio
   const disk = devices[0]!;
   const partitionTable = (await g.tryRun('part-get-parttype', [disk]))?.trim() ?? 'none';
   const partitions = partitionTable === 'none' ? [] : await listPartitions(g, disk, partitionTable);
-  const filesystems = await listFilesystems(g);
   const lvm = {
     physicalVolumes: await g.lines('pvs'),
     volumeGroups: await g.lines('vgs'),
     logicalVolumes: await g.lines('lvs'),
   };
-  const roots = await g.lines('inspect-os');
-  const windowsRoot = roots.length ? undefined : await findWindowsRoot(g, filesystems);
   let os: OperatingSystem | null = null;
   const blockers: string[] = [];
   let guestTools: GuestTool[] = [];
-  if (roots.length) {
-    os = await describeOs(g, roots[0]!);
+  let filesystems: FilesystemInfo[];
+  const detected = await detectDebianFamily(g, devices, lvm.logicalVolumes);
+  if (detected) {
+    filesystems = detected.filesystems;
+    os = detected.os;
     await mountGuest(g, os.mountpoints);
-    if (os.type === 'linux') os.linux = await inspectLinux(g, roots[0]!);
-    guestTools = await listGuestTools(g, roots[0]!, os.type);
-  } else if (windowsRoot) {
-    os = windowsRoot;
+    os.linux = await linuxDetails(g, detected.distribution, 'deb');
+    guestTools = await guestToolsOf(g, detected.packages.map((name) => ({ name, displayName: '' })), 'linux');
+  } else {
+    filesystems = await listFilesystems(g);
+    const roots = await g.lines('inspect-os');
+    if (roots.length) {
+      os = await describeOs(g, roots[0]!);
+      await mountGuest(g, os.mountpoints);
+      if (os.type === 'linux') os.linux = await inspectLinux(g, roots[0]!);
+      guestTools = await listGuestTools(g, roots[0]!, os.type);
+    } else {
+      os = (await findWindowsRoot(g, filesystems)) ?? null;
+    }
   }
   if (os?.type === 'windows') {
     const windows = await inspectWindows(g);
@@ -149,6 +159,10 @@ export async function mountGuest(g: GuestFs, mountpoints: Record<string, string>
 async function inspectLinux(g: GuestFs, root: string): Promise<LinuxDetails> {
   const distribution = (await g.run('inspect-get-distro', [root])).trim();
   const packageFormat = (await g.run('inspect-get-package-format', [root])).trim();
+  return linuxDetails(g, distribution, packageFormat);
+}
+
+async function linuxDetails(g: GuestFs, distribution: string, packageFormat: string): Promise<LinuxDetails> {
   const initramfsTool = (await g.exists('/usr/sbin/update-initramfs'))
     ? 'initramfs-tools'
     : (await g.exists('/usr/bin/dracut')) || (await g.exists('/usr/sbin/dracut'))
@@ -228,11 +242,15 @@ export function toolFamilyOf(packageName: string): string | undefined {
 }
 
 async function listGuestTools(g: GuestFs, root: string, type: 'linux' | 'windows'): Promise<GuestTool[]> {
+  const apps = parseStructs(await g.run('inspect-list-applications2', [root])).map((a) => ({ name: a.app2_name ?? '', displayName: a.app2_display_name ?? '' }));
+  return guestToolsOf(g, apps, type);
+}
+
+async function guestToolsOf(g: GuestFs, apps: { name: string; displayName: string }[], type: 'linux' | 'windows'): Promise<GuestTool[]> {
   const tools: GuestTool[] = [];
-  for (const app of parseStructs(await g.run('inspect-list-applications2', [root]))) {
-    const name = app.app2_name ?? '';
-    const family = toolFamilyOf(name) ?? toolFamilyOf(app.app2_display_name ?? '');
-    if (family) tools.push({ family, name, kind: 'package' });
+  for (const app of apps) {
+    const family = toolFamilyOf(app.name) ?? toolFamilyOf(app.displayName);
+    if (family) tools.push({ family, name: app.name, kind: 'package' });
   }
   if (type === 'linux') {
     for (const folder of TOOL_FOLDERS) {
@@ -277,4 +295,10 @@ export async function readGuestFile(g: GuestFs, path: string, work: string): Pro
   } finally {
     await rm(local, { force: true });
   }
+}
+
+/** A guest text file's content, or null when it does not exist. */
+export async function readIfExists(g: GuestFs, path: string, work: string): Promise<string | null> {
+  if (!(await g.isFile(path))) return null;
+  return readGuestFile(g, path, work);
 }

@@ -1,11 +1,13 @@
+import { createLogger } from '../../log.js';
+import { InjectionError } from '../errors.js';
 import type { GuestFs } from '../guestfs.js';
-import { findInitramfs, initramfsDriverModules, modulesRoot, readGuestFile } from '../inspect.js';
+import { findInitramfs, initramfsDriverModules, modulesRoot, readIfExists } from '../inspect.js';
 import { modulesIn, normaliseModule } from '../initramfs.js';
 import type { TargetProfile } from '../profile.js';
 import type { Change, Inspection, KernelInfo } from '../types.js';
 import { DeviceResolver } from './devices.js';
 import { FIRSTBOOT_FILES, firstbootChanges, installPackageScript, type FirstbootTask } from './firstboot.js';
-import { strategyFor } from './initramfs-strategy.js';
+import { strategyFor, type InitramfsStrategy } from './initramfs-strategy.js';
 import { NETWORK_CONFIG_GLOBS, macBindingChanges, nicNameChanges, primaryNicName, type NetworkConfig } from './network.js';
 
 /** What a Linux guest needs, planned: the changes in order, and what the rebuilt initramfs must hold. */
@@ -15,6 +17,8 @@ export interface LinuxPlan {
   /** Per kernel: the initramfs path and the modules it must contain after the rebuild. */
   expectedModules: { kernel: string; initramfs: string; modules: string[] }[];
 }
+
+const log = createLogger('inject');
 
 /** Files holding kernel command lines whose root= and resume= may name devices. */
 const COMMAND_LINE_FILES = ['/etc/default/grub', '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg', '/etc/kernel/cmdline'];
@@ -108,9 +112,11 @@ export async function planLinux(g: GuestFs, inspection: Inspection, profile: Tar
   const strategy = strategyFor(linux.initramfsTool);
   const wanted = [...profile.linux.storage, ...profile.linux.network].map(normaliseModule);
   const toInclude = new Set<string>();
-  const perKernel: { kernel: KernelInfo; modules: string[] }[] = [];
+  const root = await modulesRoot(g);
+  const perKernel: { kernel: KernelInfo; modules: string[]; modulesDep: string }[] = [];
   for (const kernel of linux.kernels) {
-    const available = await availableModules(g, kernel.version, work);
+    const modulesDep = (await read(`${root}/${kernel.version}/modules.dep`)) ?? '';
+    const available = new Set(modulesIn(modulesDep.split('\n').map((l) => '/' + l.slice(0, l.indexOf(':')))));
     const modules = wanted.filter((m) => available.has(m) && !kernel.builtin.includes(m));
     const missing = wanted.filter((m) => !available.has(m) && !kernel.builtin.includes(m));
     if (missing.length) warnings.push(`kernel ${kernel.version} has no ${missing.join(', ')} (neither module nor built in)`);
@@ -118,12 +124,14 @@ export async function planLinux(g: GuestFs, inspection: Inspection, profile: Tar
       warnings.push(`kernel ${kernel.version} has no storage driver for ${profile.name}: it will not find its disk there`);
     }
     modules.forEach((m) => toInclude.add(m));
-    perKernel.push({ kernel, modules });
+    perKernel.push({ kernel, modules, modulesDep });
   }
   const configPath = strategy.configPath(profile);
   const config = strategy.configure(await read(configPath), [...toInclude], profile);
   if (config) changes.push(config);
-  for (const { kernel, modules } of perKernel) {
+  // Packages purged above that ship initramfs hooks change what the guest's tool would build.
+  const hookOwners = strategy.rebuildOnHost ? await packagesWithInitramfsHooks(g, linux.packageFormat, packages, work) : [];
+  for (const { kernel, modules, modulesDep } of perKernel) {
     const path = kernel.initramfs?.path ?? strategy.defaultInitramfsPath(kernel.version);
     const present = new Set(kernel.initramfs?.modules ?? []);
     // Rebuild only where something is missing: a guest already fixed for this target is left alone.
@@ -131,7 +139,8 @@ export async function planLinux(g: GuestFs, inspection: Inspection, profile: Tar
     if (kernel.initramfs && !(await g.exists(`${path}.ferry-bak`))) {
       changes.push({ kind: 'file.copy', path: `${path}.ferry-bak`, source: path, reason: 'keep the previous initramfs' });
     }
-    changes.push({ kind: 'guest.command', command: strategy.rebuildCommand(kernel, path), reason: `rebuild the initramfs of ${kernel.version} with ${strategy.name}` });
+    const hostBlocker = !kernel.initramfs ? 'no image to extend' : hookOwners.length ? `purging ${hookOwners.join(', ')} changes the initramfs hooks` : undefined;
+    changes.push(await rebuildChange(g, strategy, { kernel, path, modules, modulesDep, root, planned: [...changes], work, hostBlocker }));
     expectedModules.push({ kernel: kernel.version, initramfs: path, modules });
   }
   return { changes, warnings, expectedModules };
@@ -153,10 +162,58 @@ export async function verifyLinux(g: GuestFs, plan: LinuxPlan, work: string): Pr
   return results;
 }
 
-async function availableModules(g: GuestFs, kernel: string, work: string): Promise<Set<string>> {
-  const dep = await readIfExists(g, `${await modulesRoot(g)}/${kernel}/modules.dep`, work);
-  if (dep === null) return new Set();
-  return new Set(modulesIn(dep.split('\n').map((l) => '/' + l.slice(0, l.indexOf(':')))));
+/**
+ * The change that gives one kernel's initramfs the modules: an image built on the host when the
+ * strategy can, else the guest's own tool run in the appliance (the reason says why).
+ */
+async function rebuildChange(
+  g: GuestFs,
+  strategy: InitramfsStrategy,
+  o: { kernel: KernelInfo; path: string; modules: string[]; modulesDep: string; root: string; planned: Change[]; work: string; hostBlocker: string | undefined },
+): Promise<Change> {
+  let fallback = o.hostBlocker;
+  if (strategy.rebuildOnHost && !fallback) {
+    const started = Date.now();
+    try {
+      const source = await strategy.rebuildOnHost(g, {
+        version: o.kernel.version,
+        initramfs: o.path,
+        modules: o.modules,
+        modulesRoot: o.root,
+        modulesDep: o.modulesDep,
+        planned: o.planned,
+        work: o.work,
+      });
+      log.info({ kernel: o.kernel.version, ms: Date.now() - started }, 'initramfs rebuilt on the host');
+      return {
+        kind: 'file.upload',
+        path: o.path,
+        source,
+        reason: `the initramfs of ${o.kernel.version} extended on the host as ${strategy.name} would: ${o.modules.join(', ')} with their dependencies, loaded at boot`,
+      };
+    } catch (err) {
+      if (!(err instanceof InjectionError)) throw err;
+      fallback = err.message;
+    }
+  }
+  if (fallback) log.info({ kernel: o.kernel.version, reason: fallback }, 'initramfs rebuilt in the guest');
+  return {
+    kind: 'guest.command',
+    command: strategy.rebuildCommand(o.kernel, o.path),
+    reason: `rebuild the initramfs of ${o.kernel.version} with ${strategy.name}${fallback ? ` in the guest (not on the host: ${fallback})` : ''}`,
+  };
+}
+
+/** Packages among `packages` that install initramfs-tools hooks or configuration (dpkg's file lists). */
+async function packagesWithInitramfsHooks(g: GuestFs, packageFormat: string, packages: string[], work: string): Promise<string[]> {
+  if (packageFormat !== 'deb') return [];
+  const owners = new Set<string>();
+  for (const pkg of packages) {
+    for (const list of await globAll(g, [`/var/lib/dpkg/info/${pkg}.list`, `/var/lib/dpkg/info/${pkg}:*.list`])) {
+      if (/^\/(usr\/share|etc)\/initramfs-tools\//m.test((await readIfExists(g, list, work)) ?? '')) owners.add(pkg);
+    }
+  }
+  return [...owners];
 }
 
 async function globAll(g: GuestFs, patterns: string[]): Promise<string[]> {
@@ -165,8 +222,3 @@ async function globAll(g: GuestFs, patterns: string[]): Promise<string[]> {
   return out;
 }
 
-/** A guest text file's content, or null when it does not exist. */
-export async function readIfExists(g: GuestFs, path: string, work: string): Promise<string | null> {
-  if (!(await g.isFile(path))) return null;
-  return readGuestFile(g, path, work);
-}

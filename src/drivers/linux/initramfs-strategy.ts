@@ -1,10 +1,13 @@
+import type { GuestFs } from '../guestfs.js';
 import type { TargetProfile } from '../profile.js';
 import type { Change, KernelInfo } from '../types.js';
+import { rebuildInitramfsToolsOnHost, type HostRebuildInput } from './initramfs-tools-host.js';
 
 /**
  * How a distribution builds its initramfs. Both strategies make the guest's own tool include the
- * target's modules (a configuration file), then rebuild every kernel's image with that tool, run
- * inside the guest, so the result is exactly what the guest would build itself.
+ * target's modules (a configuration file), so every later rebuild by the guest keeps them. The image
+ * itself is extended on the host where the strategy can do that faithfully (initramfs-tools); else
+ * the guest's tool rebuilds it inside the appliance, which under TCG costs a minute or more.
  */
 export interface InitramfsStrategy {
   readonly name: 'initramfs-tools' | 'dracut';
@@ -16,6 +19,11 @@ export interface InitramfsStrategy {
   rebuildCommand(kernel: KernelInfo, initramfsPath: string): string;
   /** Where a kernel's initramfs goes when it has none yet. */
   defaultInitramfsPath(kernel: string): string;
+  /**
+   * Builds the new image of one kernel on the host and returns its local path; throws
+   * InjectionError when it cannot, and the caller falls back to `rebuildCommand`.
+   */
+  rebuildOnHost?(g: GuestFs, input: HostRebuildInput): Promise<string>;
 }
 
 export const initramfsTools: InitramfsStrategy = {
@@ -33,6 +41,7 @@ export const initramfsTools: InitramfsStrategy = {
   // -u refreshes an existing image, -c creates one for a kernel that has none.
   rebuildCommand: (kernel) => `update-initramfs -${kernel.initramfs ? 'u' : 'c'} -k ${kernel.version}`,
   defaultInitramfsPath: (kernel) => `/boot/initrd.img-${kernel}`,
+  rebuildOnHost: rebuildInitramfsToolsOnHost,
 };
 
 export const dracut: InitramfsStrategy = {

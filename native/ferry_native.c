@@ -98,7 +98,7 @@ static void unmap_finalize(napi_env env, void *data, void *hint) {
 typedef struct task task;
 typedef void (*task_fn)(task *);
 
-enum { MAX_REFS = 6 };
+enum { MAX_REFS = 7 };
 
 struct task {
   napi_async_work work;
@@ -481,6 +481,40 @@ static napi_value hash_blocks(napi_env env, napi_callback_info info) {
 
 /* ---- synchronous helpers ---- */
 
+static void unmap_whole(napi_env env, void *data, void *hint) {
+  (void)env;
+  munmap(data, (size_t)(uintptr_t)hint);
+}
+
+/* mapShared(fd, length) -> ArrayBuffer
+ * A read-only MAP_SHARED mapping of the file's first `length` bytes, unmapped when the buffer is collected.
+ * Live migration hashes guest RAM through it (hashBlocks): memory is read once, where pread copies it
+ * first, and the page tables stay populated from one pass to the next. Never written: the pages are
+ * mapped read-only. */
+static napi_value map_shared(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int fd = (int)arg_i64(env, argv[0]);
+  int64_t len = arg_i64(env, argv[1]);
+  if (len <= 0) {
+    napi_throw_range_error(env, NULL, "mapShared: length must be positive");
+    return NULL;
+  }
+  void *p = mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    napi_throw_error(env, "ERR_FERRY_NATIVE", strerror(errno));
+    return NULL;
+  }
+  napi_value buffer;
+  if (napi_create_external_arraybuffer(env, p, (size_t)len, unmap_whole, (void *)(uintptr_t)len, &buffer) != napi_ok) {
+    munmap(p, (size_t)len);
+    napi_throw_error(env, "ERR_FERRY_NATIVE", "mapShared: cannot wrap the mapping");
+    return NULL;
+  }
+  return buffer;
+}
+
 /* dataSegments(fd, start, end, maxSegments) -> Float64Array [s0, e0, s1, e1, ..., resumeAt]
  * Data ranges in [start, end) by SEEK_DATA/SEEK_HOLE. The last element is where a further call should
  * resume (== end when complete). On a filesystem without support the whole range is one segment. */
@@ -636,9 +670,14 @@ typedef struct {
   size_t slots;
   int insert_new;    /* encode: also cache pages not cached yet */
   uint32_t *meta;    /* per page: kind, size, digest low, digest high */
+  uint8_t *raw_runs; /* encode, optional: per page number, how many sends in a row went raw */
+  size_t raw_runs_len;
 } page_task;
 
 enum { PAGE_ZERO = 0, PAGE_RAW = 1, PAGE_ZSTD = 2, PAGE_DELTA = 3 };
+/* A page that went raw is compressed again only every this many sends: a failed zstd attempt costs more
+ * than sending the page (guest pages rewritten with fresh random-looking data fail every time). */
+#define RAW_RETRY_EVERY 8
 
 /* The file is read in chunks of this many bytes when hashing. */
 #define HASH_CHUNK (1u << 20)
@@ -762,6 +801,7 @@ static void run_encode_pages(task *t) {
     uint32_t kind = PAGE_RAW;
     size_t size = page;
     size_t same_words = 0;
+    uint8_t *raw_run = pt->raw_runs && idx < pt->raw_runs_len ? pt->raw_runs + idx : NULL;
     if (cached) {
       const uint8_t *prev = pt->cache + slot * page;
       for (size_t b = 0; b < page; b += 8) {
@@ -781,7 +821,7 @@ static void run_encode_pages(task *t) {
       }
     }
     /* A delta under an eighth of a page is as good as it gets: skip compressing the page itself. */
-    if (size > page / 8) {
+    if (size > page / 8 && (!raw_run || *raw_run % RAW_RETRY_EVERY == 0)) {
       long n = ferry_compress(FERRY_CODEC_ZSTD, t->level, src, page, packed, size - 1);
       if (n < 0) goto fail;
       if (n > 0) {
@@ -791,6 +831,7 @@ static void run_encode_pages(task *t) {
       }
     }
     if (kind == PAGE_RAW) memcpy(t->out + out_pos, src, page);
+    if (raw_run) *raw_run = kind == PAGE_RAW ? (uint8_t)(*raw_run + 1) : 0;
     meta[0] = kind;
     meta[1] = (uint32_t)size;
     out_pos += size;
@@ -809,13 +850,14 @@ fail:
 }
 
 /* encodePages(src, pageSize, count, indices: Uint32Array, cache: Buffer, tags: Int32Array, insertNew, level,
- *             out, meta: Uint32Array[count*4]) -> Promise<number bytes written to out>
+ *             out, meta: Uint32Array[count*4], rawRuns?: Uint8Array[pages]) -> Promise<number bytes written to out>
  * Page i of src (page number indices[i]) becomes the smallest of: nothing (zero page), its zstd frame, the
  * zstd frame of its XOR with the cached previously sent version (a delta), or itself. meta[i] = kind, size,
- * XXH64 low, high. Cache slot = page number mod slots; pass empty cache/tags to disable deltas. */
+ * XXH64 low, high. Cache slot = page number mod slots; pass empty cache/tags to disable deltas. rawRuns,
+ * indexed by page number, counts the raw sends in a row of each page (updated here); see RAW_RETRY_EVERY. */
 static napi_value encode_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 10;
-  napi_value argv[10];
+  size_t argc = 11;
+  napi_value argv[11];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
@@ -845,9 +887,16 @@ static napi_value encode_pages(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, NULL, "encodePages: buffers too small");
     return NULL;
   }
+  napi_valuetype runs_type = napi_undefined;
+  if (argc > 10) CHECK(napi_typeof(env, argv[10], &runs_type));
+  if (runs_type != napi_undefined && arg_buffer(env, argv[10], &pt->raw_runs, &pt->raw_runs_len)) {
+    free(pt);
+    napi_throw_type_error(env, NULL, "encodePages: rawRuns must be a Uint8Array");
+    return NULL;
+  }
   t->run = run_encode_pages;
   if (keep(env, t, argv[0]) || keep(env, t, argv[3]) || keep(env, t, argv[4]) || keep(env, t, argv[5]) ||
-      keep(env, t, argv[8]) || keep(env, t, argv[9]))
+      keep(env, t, argv[8]) || keep(env, t, argv[9]) || (pt->raw_runs && keep(env, t, argv[10])))
     return NULL;
   return queue(env, t, "ferry.encodePages");
 }
@@ -960,6 +1009,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"encodePages", NULL, encode_pages, NULL, NULL, NULL, napi_default, NULL},
       {"applyPages", NULL, apply_pages, NULL, NULL, NULL, napi_default, NULL},
       {"hashBlocks", NULL, hash_blocks, NULL, NULL, NULL, napi_default, NULL},
+      {"mapShared", NULL, map_shared, NULL, NULL, NULL, napi_default, NULL},
       {"xxh64", NULL, xxh64, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));

@@ -52,6 +52,11 @@ interface FerryNative {
    * the same hashes on the source (native/xxh64.h).
    */
   hashBlocks(buffer: Uint8Array, length: number, blockSize: number, out: Uint8Array): Promise<number>;
+  /**
+   * A read-only shared mapping of the file's first `length` bytes (unmapped when collected). Read it only
+   * (hashBlocks): writing to it kills the process.
+   */
+  mapShared(fd: number, length: number): ArrayBuffer;
   /** XXH64 (seed 0) of a small buffer, synchronously. */
   xxh64(data: Uint8Array): bigint;
   /** XXH64 of each page of the file range [position, position + pageSize*count), as (low, high) pairs in out. */
@@ -62,6 +67,8 @@ interface FerryNative {
    * Encodes pages for live migration; resolves to the bytes written to out. Per page, meta holds kind
    * (LivePageKind), encoded size and the XXH64 of the page (low, high). Deltas are taken against `cache`
    * (slot = page number mod slots, tags = page held by each slot or -1); pass empty cache and tags for none.
+   * `rawRuns` (one byte per page number, kept by the caller across batches) counts each page's raw sends in
+   * a row; a page that went raw is only tried with zstd again every 8th send.
    */
   encodePages(
     src: Uint8Array,
@@ -74,6 +81,7 @@ interface FerryNative {
     level: number,
     out: Uint8Array,
     meta: Uint32Array,
+    rawRuns?: Uint8Array,
   ): Promise<number>;
   /** Decodes a batch from encodePages into the file at each page's place; fills the XXH64 of each written page into meta. */
   applyPages(fd: number, pageSize: number, count: number, indices: Uint32Array, payload: Uint8Array, meta: Uint32Array): Promise<number>;

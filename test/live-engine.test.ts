@@ -5,7 +5,11 @@ import { MigrationPolicy, type RoundObservation } from '../src/live/policy.js';
 import { simulateMigration, measureEncoding, type LinkModel } from '../src/live/simulate.js';
 import { CLARK_WORKLOADS, hotSetModel, uniformModel, writePages } from '../src/live/workloads.js';
 import { LivePageKind } from '../src/live/protocol.js';
-import { unionPages } from '../src/live/ledger.js';
+import { PageLedger, digestFilePages, subtractPages, unionPages } from '../src/live/ledger.js';
+import { PageHashTracker } from '../src/live/dirty/page-hash.js';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -66,12 +70,31 @@ describe('migration policy', () => {
     expect(policy.currentRate).toBe(32 * MiB);
   });
 
+  it('doubles the rate when a round held back by it left about as much dirty as it sent', () => {
+    const policy = new MigrationPolicy({ initialBandwidth: 64 * MiB, maxBandwidth: 200 * MiB, maxDowntimeMs: 1 });
+    // 25 600 pages sent in a round that mostly waited for the rate, 25 000 dirty again: the guest rewrites a
+    // working set whole within a round, so its measured dirty rate (10 MiB/s) understates it.
+    const stalled = observation({ roundWireBytes: 100 * MiB, wireBytesPerPage: PAGE, remainingPages: 25_000, roundSeconds: 2, busySeconds: 0.5, dirtyRate: 10 * MiB, rate: 64 * MiB });
+    policy.decide(stalled);
+    expect(policy.currentRate).toBe(128 * MiB);
+    policy.decide(stalled);
+    expect(policy.currentRate).toBe(200 * MiB);
+    // A round that made headway keeps the rate.
+    const progressing = new MigrationPolicy({ initialBandwidth: 64 * MiB, maxDowntimeMs: 1 });
+    progressing.decide({ ...stalled, remainingPages: 5_000 });
+    expect(progressing.currentRate).toBe(64 * MiB);
+  });
+
   it('gives up after the round cap and after sending 3× RAM', () => {
     const far = { remainingPages: 200_000 };
     expect(new MigrationPolicy({ maxRounds: 5 }).decide(observation({ ...far, round: 5 })).action).toBe('give-up');
     expect(new MigrationPolicy({ maxRounds: 5 }).decide(observation({ ...far, round: 4 })).action).toBe('continue');
     expect(new MigrationPolicy({}).decide(observation({ ...far, totalWireBytes: 3.1 * GiB })).action).toBe('give-up');
     expect(new MigrationPolicy({}).decide(observation({ ...far, totalWireBytes: 2.9 * GiB })).action).toBe('continue');
+    // With auto-converge the 3× cap waits for the throttle to reach its maximum; the round cap does not.
+    const throttled = new MigrationPolicy({ autoConverge: true });
+    expect(throttled.decide(observation({ ...far, totalWireBytes: 3.1 * GiB })).action).toBe('continue');
+    expect(new MigrationPolicy({ autoConverge: true, maxRounds: 5 }).decide(observation({ ...far, round: 5, totalWireBytes: 3.1 * GiB })).action).toBe('give-up');
   });
 
   it('throttles the guest (auto-converge) only when the link is saturated and the guest outpaces it twice in a row', () => {
@@ -165,6 +188,30 @@ describe('page encoding (native)', () => {
     }
   });
 
+  it('stops trying zstd on a page that keeps going raw, and tries again after 8 raw sends', async () => {
+    const src = randomFillSync(Buffer.alloc(PAGE));
+    const out = Buffer.alloc(PAGE);
+    const meta = new Uint32Array(4);
+    const rawRuns = new Uint8Array(16);
+    const encode = () => native.encodePages(src, PAGE, 1, Uint32Array.of(5), Buffer.alloc(0), new Int32Array(0), false, 1, out, meta, rawRuns);
+    for (let sends = 1; sends <= 3; sends++) {
+      await encode();
+      expect(meta[0]).toBe(LivePageKind.Raw);
+      expect(rawRuns[5]).toBe(sends);
+    }
+    // Compressible from now on, but in a run of raw sends it goes raw without an attempt…
+    src.fill('migration ');
+    for (let sends = 4; sends <= 8; sends++) {
+      await encode();
+      expect(meta[0]).toBe(LivePageKind.Raw);
+    }
+    // …until the send after 8 raw ones tries zstd again; the run ends.
+    await encode();
+    expect(meta[0]).toBe(LivePageKind.Zstd);
+    expect(rawRuns[5]).toBe(0);
+    expect(Array.from(rawRuns).filter((_, page) => page !== 5)).toEqual(new Array(15).fill(0));
+  });
+
   it('measures encoding ratios on synthetic pages: first sends about half a page, deltas far less', async () => {
     const { compressRatio, deltaRatio } = await measureEncoding(PAGE, 256);
     expect(compressRatio).toBeGreaterThan(0.3);
@@ -172,8 +219,47 @@ describe('page encoding (native)', () => {
     expect(deltaRatio).toBeLessThan(0.05);
   });
 
-  it('merges sorted page sets', () => {
+  it('merges and subtracts sorted page sets', () => {
     expect(Array.from(unionPages(Uint32Array.of(1, 3, 5), Uint32Array.of(2, 3, 6)))).toEqual([1, 2, 3, 5, 6]);
+    expect(Array.from(subtractPages(Uint32Array.of(1, 3, 5, 8), Uint32Array.of(0, 3, 6, 8, 9)))).toEqual([1, 5]);
+    expect(Array.from(subtractPages(Uint32Array.of(1, 2), Uint32Array.of()))).toEqual([1, 2]);
+  });
+});
+
+describe('dirty tracking by page hashes', () => {
+  it('reports changed pages slice by slice in page order; a page sent during the pass is not reported', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-page-hash-'));
+    const pageCount = 2 * 8192 + 100; // two whole slices and a short one
+    const file = await open(join(dir, 'ram'), 'w+');
+    try {
+      await file.truncate(pageCount * PAGE);
+      const ledger = new PageLedger(pageCount);
+      await digestFilePages(file.fd, PAGE, pageCount, ledger.digests);
+      const tracker = new PageHashTracker(file.fd, PAGE, pageCount);
+      await tracker.start(ledger);
+      const written = randomFillSync(Buffer.alloc(PAGE));
+      for (const page of [3, 9000, 16_400]) await file.write(written, 0, PAGE, page * PAGE);
+      const slices: Array<{ pages: number[]; end: number }> = [];
+      const all = await tracker.collect((pages, end) => {
+        slices.push({ pages: Array.from(pages), end });
+        if (slices.length === 1) {
+          // The sender records page 16 400 as sent while the pass is still going.
+          const digest = native.xxh64(written);
+          ledger.digests[16_400 * 2] = Number(digest & 0xffffffffn);
+          ledger.digests[16_400 * 2 + 1] = Number(digest >> 32n);
+        }
+      });
+      expect(slices).toEqual([
+        { pages: [3], end: 8192 },
+        { pages: [9000], end: 16_384 },
+        { pages: [], end: pageCount },
+      ]);
+      expect(Array.from(all)).toEqual([3, 9000]);
+      await tracker.close();
+    } finally {
+      await file.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -44,7 +44,7 @@ describe('live migration over loopback (synthetic VM)', () => {
     const incoming = await listener.result;
     await listener.close();
 
-    expect(report).toMatchObject({ outcome: 'completed', memoryVerified: true, verification: 'sent-pages', sourceRunning: false });
+    expect(report, report.reason).toMatchObject({ outcome: 'completed', memoryVerified: true, verification: 'sent-pages', sourceRunning: false });
     expect(report.rounds).toBeGreaterThanOrEqual(1);
     expect(stats.length).toBeGreaterThan(0);
     expect(incoming.outcome).toBe('resumed');

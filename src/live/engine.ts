@@ -3,7 +3,8 @@
  *
  *   round 1: every page, while the VM runs
  *   round n: the pages dirtied during round n-1 (plus any a force-complete left unsent)
- *   then:    pause → final dirty pages → flush → compare whole-memory digests → device state → resume there
+ *   then:    pause → the last dirty pages, sent while the last collection finds them, and the device state
+ *            alongside → flush → compare whole-memory digests → resume there
  *
  * The policy (policy.ts) sets each round's rate and decides when to switch over or give up. Safety: the
  * destination resumes only after its memory digest matched the source's; a failure before the commit
@@ -14,7 +15,7 @@ import { CancelledError, errorMessage } from '../errors.js';
 import { RateLimiter, wallClock } from './clock.js';
 import { MigrationController, type MigrationUpdate } from './controller.js';
 import { HandoverInDoubtError, MigrationNotConvergingError } from './errors.js';
-import { PageLedger, allPages, unionPages } from './ledger.js';
+import { PageLedger, allPages, subtractPages, unionPages } from './ledger.js';
 import { MigrationPolicy, type Decision, type MigrationLimits } from './policy.js';
 import { PAGE_HEADER_BYTES } from './protocol.js';
 import type { Clock, MemoryBackend, MigrationReport, MigrationState, MigrationStats, PageTransport, SendCounters } from './types.js';
@@ -112,7 +113,8 @@ export class FerryMigration extends MigrationController {
     let pauseAt = 0;
     let forced = false;
     let verified = false;
-    const breakdown = { finalCollect: 0, finalPages: 0, verify: 0, deviceState: 0, resume: 0 };
+    let deviceState: Promise<void> | undefined;
+    const breakdown = { pause: 0, finalCollect: 0, finalPages: 0, verify: 0, deviceState: 0, resume: 0 };
     const report = (outcome: MigrationReport['outcome'], extra: Partial<MigrationReport>): MigrationReport => ({
       id: this.id,
       engine: 'ferry',
@@ -170,7 +172,7 @@ export class FerryMigration extends MigrationController {
           switchoverOverheadSeconds: (transport.rttMs * 4 + this.deviceStateMs) / 1000,
         });
         this.expectedDowntimeMs = decision.expectedDowntimeMs;
-        this.log?.info({ round: this.round, decision, dirtyPages: dirty.length, ...sent.counters }, 'round finished');
+        this.log?.info({ round: this.round, decision, dirtyPages: dirty.length, roundMs: roundEnd - roundStart, collectMs: collected - roundEnd, ...sent.counters }, 'round finished');
         this.emit('stats', this.stats());
         if (decision.action === 'switchover') {
           forced = decision.forced;
@@ -190,13 +192,15 @@ export class FerryMigration extends MigrationController {
       await backend.pause();
       paused = true;
       let t = clock.now();
-      const final = unionPages(await backend.collectDirty(), pending);
-      breakdown.finalCollect = clock.now() - t;
-      t = clock.now();
-      this.limiter.setRate(this.policy.current.maxBandwidth);
-      const last = await transport.sendPages(final, final.length, this.round + 1, this.pacer(), () => this.abortRequested, this.ledger);
-      this.throwIfAborted();
-      this.account(last.counters);
+      breakdown.pause = t - pauseAt;
+      // Neither memory nor devices change any more: the device state crosses while the last pages go, and
+      // the destination loads it meanwhile (it resumes only after the digests matched).
+      deviceState = this.transferDeviceState();
+      deviceState.catch(() => undefined); // awaited below, or settled before the source resumes
+      // As QEMU does, the stop-and-copy is not held to max-bandwidth: the limit paces pre-copy traffic, and
+      // every millisecond of it here is the guest's.
+      this.limiter.setRate(Infinity);
+      breakdown.finalCollect = await this.sendFinalPages(pending);
       this.remainingPages = 0;
       await transport.flush();
       breakdown.finalPages = clock.now() - t;
@@ -205,8 +209,7 @@ export class FerryMigration extends MigrationController {
       verified = true;
       breakdown.verify = clock.now() - t;
       t = clock.now();
-      await backend.saveDeviceState(transport.sendDeviceState);
-      await transport.endDeviceState();
+      await deviceState;
       breakdown.deviceState = clock.now() - t;
       // The last moment an abort is honoured: after the commit the destination owns the VM.
       this.throwIfAborted();
@@ -231,6 +234,8 @@ export class FerryMigration extends MigrationController {
       let sourceRunning = !committed;
       if (!committed) {
         await transport.abort(errorMessage(err)).catch(() => undefined);
+        // The source's device-state save must be over (the destination's abort ends it) before the source runs.
+        await deviceState?.catch(() => undefined);
         if (this.appliedThrottle > 0) await backend.setThrottle(0).catch(() => undefined);
         this.appliedThrottle = 0;
         if (paused) {
@@ -249,6 +254,43 @@ export class FerryMigration extends MigrationController {
     } finally {
       await transport.close().catch(() => undefined);
     }
+  }
+
+  /**
+   * The stop-and-copy's pages: first those known dirty before the pause (`pending`), at once, then the
+   * last collection's slices as the collection finds them (less those already queued). Sends go one after
+   * the other, while the collection goes on. Returns how long the collection took.
+   */
+  private async sendFinalPages(pending: Uint32Array): Promise<number> {
+    const { backend, transport, ledger } = this;
+    const round = this.round + 1;
+    let sending: Promise<void> = Promise.resolve();
+    const queue = (pages: Uint32Array) => {
+      if (pages.length === 0) return;
+      sending = sending.then(async () => {
+        const sent = await transport.sendPages(pages, pages.length, round, this.pacer(), () => this.abortRequested, ledger);
+        this.throwIfAborted();
+        this.account(sent.counters);
+      });
+      sending.catch(() => undefined); // awaited below, unless the collection fails first
+    };
+    queue(pending);
+    let next = 0;
+    const started = this.clock.now();
+    await backend.collectDirty((found, end) => {
+      let upTo = next;
+      while (upTo < pending.length && pending[upTo] < end) upTo++;
+      queue(subtractPages(found, pending.subarray(next, upTo)));
+      next = upTo;
+    });
+    const collectMs = this.clock.now() - started;
+    await sending;
+    return collectMs;
+  }
+
+  private async transferDeviceState(): Promise<void> {
+    await this.backend.saveDeviceState(this.transport.sendDeviceState);
+    await this.transport.endDeviceState();
   }
 
   private throwIfAborted(): void {

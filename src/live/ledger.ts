@@ -28,11 +28,11 @@ export class PageLedger {
     return native.xxh64(new Uint8Array(this.digests.buffer, this.digests.byteOffset, this.digests.byteLength));
   }
 
-  /** Pages whose digest in `current` differs from this ledger's. */
-  differing(current: Uint32Array): Uint32Array {
+  /** Pages in [from, to) whose digest in `current` differs from this ledger's. */
+  differing(current: Uint32Array, from = 0, to = this.pageCount): Uint32Array {
     const d = this.digests;
     const out: number[] = [];
-    for (let p = 0; p < this.pageCount; p++) {
+    for (let p = from; p < to; p++) {
       if (d[p * 2] !== current[p * 2] || d[p * 2 + 1] !== current[p * 2 + 1]) out.push(p);
     }
     return Uint32Array.from(out);
@@ -54,6 +54,19 @@ export function unionPages(a: Uint32Array, b: Uint32Array): Uint32Array {
     if (x === v) i++;
     if (y === v) j++;
     out[n++] = v;
+  }
+  return out.subarray(0, n);
+}
+
+/** The pages of sorted set `a` that are not in sorted set `b`. */
+export function subtractPages(a: Uint32Array, b: Uint32Array): Uint32Array {
+  if (a.length === 0 || b.length === 0) return a;
+  const out = new Uint32Array(a.length);
+  let j = 0;
+  let n = 0;
+  for (let i = 0; i < a.length; i++) {
+    while (j < b.length && b[j] < a[i]) j++;
+    if (j >= b.length || b[j] !== a[i]) out[n++] = a[i];
   }
   return out.subarray(0, n);
 }

@@ -111,6 +111,13 @@ class Session {
   private readonly streams: FrameChannel[] = [];
   /** Set once the memory was verified: from then on no page may change. */
   private sealed = false;
+  /** Set when the session ends: page streams stop applying what they still hold. */
+  private ended = false;
+  /**
+   * Page batches being written. The RAM file is closed only once they are done: its descriptor number may
+   * be reused by the next file opened, which a late write would corrupt.
+   */
+  private readonly applying = new Set<Promise<unknown>>();
 
   constructor(
     private readonly control: FrameChannel,
@@ -132,8 +139,13 @@ class Session {
       await control.sendJson(MessageType.Welcome, { destination: destination.description });
       log?.info({ pageSize: hello.pageSize, pageCount: hello.pageCount, streams: hello.streams }, 'incoming migration');
 
+      // The destination gets ready for the device state now, so that at switchover only the state itself
+      // is left to load; it may then load while the last pages arrive, since the VM resumes only on COMMIT.
       const device = new ChunkQueue();
-      let loading: Promise<void> | undefined;
+      const loading = destination.loadDeviceState(device);
+      loading.catch(() => undefined); // awaited at DEVICE_END and COMMIT
+      let deviceEnded = false;
+      let deviceBytes = 0;
       for (;;) {
         const frame = await control.next();
         if (frame.type === MessageType.Verify) {
@@ -143,16 +155,22 @@ class Session {
           await control.sendJson(MessageType.Verified, { ok: this.sealed, digest: ours.toString(16) });
           log?.info({ ok: this.sealed }, 'memory digest compared');
         } else if (frame.type === MessageType.Device) {
-          if (!this.sealed) throw new MigrationError('device state before the memory was verified');
-          loading ??= destination.loadDeviceState(device);
+          if (deviceEnded) throw new MigrationError('device state after its end');
+          deviceBytes += frame.payload.length;
           device.push(frame.payload);
         } else if (frame.type === MessageType.DeviceEnd) {
-          if (!loading) throw new MigrationError('no device state was sent');
+          if (deviceBytes === 0) throw new MigrationError('no device state was sent');
+          deviceEnded = true;
           device.end();
-          await loading;
-          await control.send(MessageType.DeviceLoaded);
+          // Answered when loaded, without holding up the digest comparison; a failed load ends the session.
+          loading.then(
+            () => control.send(MessageType.DeviceLoaded).catch(() => undefined),
+            (err) => this.failControl(err),
+          );
         } else if (frame.type === MessageType.Commit) {
-          if (!loading) throw new MigrationError('commit before the device state');
+          if (!deviceEnded) throw new MigrationError('commit before the device state');
+          if (!this.sealed) throw new MigrationError('commit before the memory was verified');
+          await loading;
           await destination.resume();
           resumed = true;
           await control.send(MessageType.Resumed);
@@ -166,13 +184,26 @@ class Session {
       }
     } catch (err) {
       if (resumed) return this.report('resumed');
+      this.ended = true;
       for (const s of this.streams) s.destroy();
+      await Promise.allSettled(this.applying);
       await destination.discard().catch((e) => log?.error({ err: errorMessage(e) }, 'discarding the destination failed'));
       log?.warn({ reason: errorMessage(err) }, 'incoming migration discarded');
       return this.report('discarded', errorMessage(err));
     } finally {
+      this.ended = true;
+      await Promise.allSettled(this.applying);
       await destination.close().catch(() => undefined);
     }
+  }
+
+  /** Tells the source why, then closes the control connection: the session's loop then discards the VM. */
+  private failControl(err: unknown): void {
+    const { control } = this;
+    void control
+      .sendJson(MessageType.Error, { message: errorMessage(err) })
+      .catch(() => undefined)
+      .finally(() => control.close());
   }
 
   /** A page stream: apply PAGES in order, answer FLUSH once everything before it is in the file. */
@@ -186,6 +217,7 @@ class Session {
       } catch {
         return; // the session notices a lost source through its control connection
       }
+      if (this.ended) return;
       if (frame.type === MessageType.Pages) {
         if (this.sealed || !this.ledger) throw new MigrationError('pages after the memory was verified');
         const p = frame.payload;
@@ -199,7 +231,13 @@ class Session {
           meta[i * 4 + 1] = kinds[i * 2 + 1];
         }
         const payload = p.subarray(4 + count * 12);
-        await native.applyPages(this.fd, pageSize, count, pages, payload, meta);
+        const applied = native.applyPages(this.fd, pageSize, count, pages, payload, meta);
+        this.applying.add(applied);
+        try {
+          await applied;
+        } finally {
+          this.applying.delete(applied);
+        }
         this.ledger.recordBatch(pages, count, meta);
         this.pagesReceived += count;
         this.bytesReceived += p.length;

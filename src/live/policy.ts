@@ -3,11 +3,14 @@
  * so it is tested on its own and shared by Ferry's engine and the QEMU-native mode.
  *
  * - Rate (Xen): start moderate so the host is not flooded, then raise the rate above the measured dirty
- *   rate each round, never above maxBandwidth; it never falls, so progress made is kept.
+ *   rate each round, never above maxBandwidth; it never falls, so progress made is kept. A working set the
+ *   guest rewrites whole within a round hides its real dirty rate (a page counts once per round however
+ *   often it is written), so a round held back by the rate that left about as much as it sent doubles the
+ *   rate instead (TCP's slow start).
  * - Switchover (QEMU): when the remaining dirty set, the final collection and the fixed switchover work fit
  *   maxDowntime at the link bandwidth measured while the sender was busy.
- * - Give up (Xen's limits): after maxRounds, or when the wire total passes maxTransferFactor × RAM; the
- *   source keeps running.
+ * - Give up (Xen's limits): after maxRounds, or when the wire total passes maxTransferFactor × RAM (with
+ *   auto-converge, only once the throttle is at its maximum); the source keeps running.
  * - Auto-converge (QEMU's cpu-throttle): when the link is already the bottleneck and the guest dirtied more
  *   than half of what the round sent in two consecutive rounds, take CPU time away from the guest: 20 %
  *   first, then 10 % more each round, at most 99 %.
@@ -45,6 +48,8 @@ const THROTTLE_TRIGGER = 0.5;
 const RATE_HEADROOM = 1.5;
 /** Share of a round the sender must be busy (not held back by the rate) for the link to count as saturated. */
 const SATURATED_BUSY_SHARE = 0.9;
+/** A round that leaves this share of the pages it sent (or more) dirty again made no headway. */
+const STALLED_SHARE = 0.9;
 
 /** What the engine measured over one round. Rates in bytes per second. */
 export interface RoundObservation {
@@ -139,7 +144,9 @@ export class MigrationPolicy {
     if (o.round >= this.limits.maxRounds) {
       return { action: 'give-up', expectedDowntimeMs, reason: `did not converge in ${o.round} rounds (expected downtime ${expectedDowntimeMs.toFixed(0)} ms)` };
     }
-    if (o.totalWireBytes > this.limits.maxTransferFactor * o.ramBytes) {
+    // With auto-converge, the throttle may still slow the guest enough: the transfer cap waits for its maximum.
+    const throttleCanRise = this.limits.autoConverge && this.throttle < THROTTLE_MAX;
+    if (!throttleCanRise && o.totalWireBytes > this.limits.maxTransferFactor * o.ramBytes) {
       return {
         action: 'give-up',
         expectedDowntimeMs,
@@ -149,9 +156,11 @@ export class MigrationPolicy {
 
     // Raise the rate above what the guest dirties, in wire bytes (encoding shrinks pages).
     const dirtyWireRate = o.dirtyRate * (o.wireBytesPerPage / o.pageSize);
-    this.rate = Math.min(this.limits.maxBandwidth, Math.max(this.rate, dirtyWireRate * RATE_HEADROOM));
-
     const linkSaturated = o.rate >= this.limits.maxBandwidth || o.busySeconds >= SATURATED_BUSY_SHARE * o.roundSeconds;
+    const pagesSent = o.roundWireBytes / o.wireBytesPerPage;
+    const stalled = !linkSaturated && pagesSent > 0 && o.remainingPages >= STALLED_SHARE * pagesSent;
+    this.rate = Math.min(this.limits.maxBandwidth, Math.max(this.rate, dirtyWireRate * RATE_HEADROOM, stalled ? this.rate * 2 : 0));
+
     const dirtiedWire = dirtyWireRate * o.roundSeconds;
     const notConverging = o.roundWireBytes > 0 && dirtiedWire > THROTTLE_TRIGGER * o.roundWireBytes;
     this.slowRounds = notConverging && linkSaturated ? this.slowRounds + 1 : 0;

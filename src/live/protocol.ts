@@ -4,9 +4,9 @@
  *
  *   control  HELLO {json} → WELCOME {json} | ERROR
  *   stream   JOIN {session, stream}, then PAGES…, FLUSH seq → FLUSHED seq
- *   control  VERIFY digest u64 → VERIFIED {ok}
- *            DEVICE bytes…, DEVICE_END → DEVICE_LOADED | ERROR
- *            COMMIT → RESUMED | ERROR
+ *   control  DEVICE bytes…, DEVICE_END → DEVICE_LOADED | ERROR   (while the last pages go, in any order with:)
+ *            VERIFY digest u64 → VERIFIED {ok}
+ *            COMMIT (only after both) → RESUMED | ERROR
  *            ABORT {reason} (the destination discards)
  *   qemu mode: NATIVE_INCOMING → NATIVE_READY {port}; COMMIT → RESUMED
  *

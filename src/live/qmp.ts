@@ -177,3 +177,27 @@ export async function waitMigrationStatus(qmp: QmpClient, statuses: string[], ti
     await delay(pollMs);
   }
 }
+
+/**
+ * Starts watching for the end of a migration (a MIGRATION event with status completed, failed or cancelled,
+ * which QEMU sends with the `events` capability). Call it before the migration starts, so the event cannot
+ * be missed; the returned function waits for it, at most timeoutMs from its call, and gives query-migrate's
+ * answer for a failure (its error-desc).
+ */
+export function watchMigrationEnd(qmp: QmpClient): (timeoutMs: number) => Promise<QemuMigrationInfo> {
+  const ended = qmp.waitEvent('MIGRATION', (d) => ['completed', 'failed', 'cancelled'].includes(String(d.status)));
+  ended.catch(() => undefined); // awaited by the caller, or never if the migration is given up first
+  return async (timeoutMs) => {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new MigrationError(`QEMU migration did not end within ${timeoutMs} ms`)), timeoutMs);
+    });
+    try {
+      const event = await Promise.race([ended, timeout]);
+      const status = String(event.data?.status);
+      return status === 'completed' ? { status } : await qmp.execute<QemuMigrationInfo>('query-migrate');
+    } finally {
+      clearTimeout(timer);
+    }
+  };
+}

@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto';
 import { native } from '../native.js';
 import { MigrationError } from './errors.js';
 import { unionPages, type PageLedger } from './ledger.js';
-import { FrameChannel, MessageType, PAGE_HEADER_BYTES, PROTOCOL_VERSION, parseJson, u64Bytes, LivePageKind, type HelloMessage } from './protocol.js';
+import { FrameChannel, MessageType, PAGE_HEADER_BYTES, PROTOCOL_VERSION, parseJson, u64Bytes, LivePageKind, type Frame, type HelloMessage } from './protocol.js';
 import type { MemoryBackend, Pacer, PageTransport, SendCounters } from './types.js';
 
 export interface SenderOptions {
@@ -45,6 +45,14 @@ interface Stream {
 export class NetworkSender implements PageTransport {
   private flushSeq = 0;
   private deviceStateStarted = false;
+  /** Per page, its raw sends in a row (the encoder stops trying zstd on pages that never compress). */
+  private readonly rawRuns: Uint8Array;
+  /**
+   * Control replies not claimed yet. The destination answers in its own order, not in the order the
+   * answers are awaited: the device state may finish loading before or after the digests are compared.
+   */
+  private readonly replies: Frame[] = [];
+  private reading?: Promise<void>;
 
   private constructor(
     private readonly control: FrameChannel,
@@ -53,7 +61,9 @@ export class NetworkSender implements PageTransport {
     private readonly batchPages: number,
     private readonly level: number,
     private readonly timeoutMs: number,
-  ) {}
+  ) {
+    this.rawRuns = new Uint8Array(backend.pageCount);
+  }
 
   private measuredRttMs = 0;
 
@@ -138,7 +148,7 @@ export class NetworkSender implements PageTransport {
       const out = Buffer.allocUnsafe(count * pageSize);
       const meta = new Uint32Array(count * 4);
       // Pages cached only from the second round: the first sends everything once, the later ones are the hot set.
-      const bytes = await native.encodePages(s.src, pageSize, count, batch, s.cache, s.tags, round >= 2, this.level, out, meta);
+      const bytes = await native.encodePages(s.src, pageSize, count, batch, s.cache, s.tags, round >= 2, this.level, out, meta, this.rawRuns);
       ledger.recordBatch(batch, count, meta);
       const head = Buffer.allocUnsafe(4);
       head.writeUInt32LE(count, 0);
@@ -176,7 +186,7 @@ export class NetworkSender implements PageTransport {
 
   async verify(digest: bigint): Promise<void> {
     await this.control.send(MessageType.Verify, u64Bytes(digest));
-    const reply = parseJson<{ ok: boolean; digest: string }>((await withTimeout(this.control.expect(MessageType.Verified), this.timeoutMs, 'no verification answer')).payload);
+    const reply = parseJson<{ ok: boolean; digest: string }>((await this.reply(MessageType.Verified, 'no verification answer')).payload);
     if (!reply.ok) {
       throw new MigrationError(`the destination's memory digest ${reply.digest} differs from the source's ${digest.toString(16)}; not switching over`);
     }
@@ -190,12 +200,29 @@ export class NetworkSender implements PageTransport {
   async endDeviceState(): Promise<void> {
     if (!this.deviceStateStarted) throw new MigrationError('the source produced no device state');
     await this.control.send(MessageType.DeviceEnd);
-    await withTimeout(this.control.expect(MessageType.DeviceLoaded), this.timeoutMs, 'the destination did not load the device state');
+    await this.reply(MessageType.DeviceLoaded, 'the destination did not load the device state');
   }
 
   async commit(): Promise<void> {
     await this.control.send(MessageType.Commit);
-    await withTimeout(this.control.expect(MessageType.Resumed), this.timeoutMs, 'the destination did not confirm that it resumed');
+    await this.reply(MessageType.Resumed, 'the destination did not confirm that it resumed');
+  }
+
+  /** The next control reply of `type`, whatever came before it. */
+  private reply(type: MessageType, silence: string): Promise<Frame> {
+    const claim = async (): Promise<Frame> => {
+      for (;;) {
+        const i = this.replies.findIndex((f) => f.type === type);
+        if (i >= 0) return this.replies.splice(i, 1)[0];
+        // One read at a time; every waiter looks at what it brought.
+        this.reading ??= this.control
+          .next()
+          .then((f) => void this.replies.push(f))
+          .finally(() => (this.reading = undefined));
+        await this.reading;
+      }
+    };
+    return withTimeout(claim(), this.timeoutMs, silence);
   }
 
   async abort(reason: string): Promise<void> {

@@ -15,6 +15,13 @@ export interface Clock {
 export type DeviceStateSink = (chunk: Buffer) => Promise<void>;
 
 /**
+ * Receives a collection's dirty pages slice by slice as they are found, so they can be sent while the rest
+ * of memory is still being examined: `pages` (sorted) are those below page `end` not reported before;
+ * slices come in page order and the last one ends at pageCount.
+ */
+export type DirtySliceSink = (pages: Uint32Array, end: number) => void;
+
+/**
  * The source VM's memory and run state. Pages are numbered 0..pageCount-1; a page set is a sorted
  * Uint32Array of page numbers.
  */
@@ -35,16 +42,16 @@ export interface MemoryBackend {
    * trackers that compare content compare against it.
    */
   startTracking(ledger: PageLedger): Promise<void>;
-  /** The pages that may have changed since the previous collection (or since startTracking). */
-  collectDirty(): Promise<Uint32Array>;
+  /** The pages that may have changed since the previous collection (or since startTracking); also to `onSlice` as found. */
+  collectDirty(onSlice?: DirtySliceSink): Promise<Uint32Array>;
   /** Copies pages[0..count) back to back into out. */
   readPages(pages: Uint32Array, count: number, out: Buffer): Promise<void>;
-  /** Stops the vCPUs; guest memory no longer changes until resume(). */
+  /** Stops the vCPUs; guest memory and device state no longer change until resume(). */
   pause(): Promise<void>;
   resume(): Promise<void>;
   /** Takes `fraction` (0 to 0.99) of the VM's CPU time away to slow its dirtying (auto-converge); 0 ends it. */
   setThrottle(fraction: number): Promise<void>;
-  /** Streams the device state while paused; resolves once all of it went into `sink`. */
+  /** Streams the device state while paused (the engine sends the last pages meanwhile); resolves once all of it went into `sink`. */
   saveDeviceState(sink: DeviceStateSink): Promise<void>;
   /** The destination resumed: the source stays stopped for good. */
   handedOver(): Promise<void>;
@@ -56,7 +63,7 @@ export interface DirtyTracker {
   /** "soft-dirty", "page-hash" or "exact" (the synthetic VM knows what it wrote). */
   readonly method: string;
   start(ledger: PageLedger): Promise<void>;
-  collect(): Promise<Uint32Array>;
+  collect(onSlice?: DirtySliceSink): Promise<Uint32Array>;
   close(): Promise<void>;
 }
 
@@ -65,7 +72,11 @@ export interface DestinationVm {
   readonly description: string;
   /** Opens the RAM file for pageCount pages of pageSize bytes (read-write) and returns its descriptor. */
   openMemory(pageSize: number, pageCount: number): Promise<number>;
-  /** Loads the device state; resolves when the VM is ready to resume (still paused). */
+  /**
+   * Loads the device state; resolves when the VM is ready to resume (still paused). Called when the migration
+   * starts, so any preparation is done by the switchover; the chunks arrive then, possibly before the memory
+   * is verified (resume() comes only after).
+   */
   loadDeviceState(chunks: AsyncIterable<Buffer>): Promise<void>;
   resume(): Promise<void>;
   /** The migration failed: throw the destination VM away. */
@@ -109,7 +120,7 @@ export interface PageTransport {
   /** The destination compares the digest of its whole memory with `digest`; rejects when they differ. */
   verify(digest: bigint): Promise<void>;
   sendDeviceState: DeviceStateSink;
-  /** Ends the device state; resolves when the destination loaded it and is ready to resume. */
+  /** Ends the device state; resolves when the destination loaded it and is ready to resume. May overlap sendPages, flush and verify. */
   endDeviceState(): Promise<void>;
   /** Tells the destination to resume; resolves when it reports running. */
   commit(): Promise<void>;
@@ -160,8 +171,12 @@ export interface MigrationReport {
   totalMs: number;
   /** From the source pausing to the destination running, measured (0 when it never switched over). */
   downtimeMs: number;
-  /** Where the downtime went. */
-  downtimeBreakdownMs?: { finalCollect: number; finalPages: number; verify: number; deviceState: number; resume: number };
+  /**
+   * Where the downtime went: stopping the source; the last dirty collection and the last pages, sent as the
+   * collection finds them (finalPages, flush included; finalCollect is the part of it the collection took);
+   * the digest comparison; waiting for the device state, which crosses alongside the pages; the destination's resume.
+   */
+  downtimeBreakdownMs?: { pause: number; finalCollect: number; finalPages: number; verify: number; deviceState: number; resume: number };
   transferredBytes: number;
   ramBytes: number;
   rounds: number;

@@ -19,9 +19,9 @@ import { MigrationError } from '../errors.js';
 import type { PageLedger } from '../ledger.js';
 import { PageHashTracker } from '../dirty/page-hash.js';
 import { SoftDirtyTracker, findFileMapping, probeSoftDirty } from '../dirty/soft-dirty.js';
-import { QmpClient, queryStatus, setMigrationCapabilities, waitMigrationStatus } from '../qmp.js';
+import { QmpClient, queryStatus, setMigrationCapabilities, waitMigrationStatus, watchMigrationEnd } from '../qmp.js';
 import type { NativeIncoming } from '../listener.js';
-import type { DestinationVm, DeviceStateSink, DirtyTracker, MemoryBackend } from '../types.js';
+import type { DestinationVm, DeviceStateSink, DirtySliceSink, DirtyTracker, MemoryBackend } from '../types.js';
 
 export const PAGE_SIZE = 4096;
 
@@ -118,6 +118,8 @@ export class QemuSharedFileSource implements MemoryBackend {
   private readonly vcpus: VcpuControl;
   private readonly throttle: DutyCycleThrottle;
   private paused = false;
+  /** x-ignore-shared is on: it must be off again if the VM stays here, or a later QEMU migration would skip its RAM. */
+  private ignoringShared = false;
 
   private constructor(
     private readonly qmp: QmpClient,
@@ -157,8 +159,8 @@ export class QemuSharedFileSource implements MemoryBackend {
     return this.tracker.start(ledger);
   }
 
-  collectDirty(): Promise<Uint32Array> {
-    return this.tracker.collect();
+  collectDirty(onSlice?: DirtySliceSink): Promise<Uint32Array> {
+    return this.tracker.collect(onSlice);
   }
 
   async readPages(pages: Uint32Array, count: number, out: Buffer): Promise<void> {
@@ -174,6 +176,11 @@ export class QemuSharedFileSource implements MemoryBackend {
     if (!this.paused) return;
     this.paused = false;
     await this.vcpus.release();
+    if (this.ignoringShared) {
+      this.ignoringShared = false;
+      // Best effort, after the VM runs again (what matters most); QEMU refuses only while a migration is under way.
+      await setMigrationCapabilities(this.qmp, { 'x-ignore-shared': false }).catch(() => undefined);
+    }
   }
 
   setThrottle(fraction: number): Promise<void> {
@@ -182,18 +189,29 @@ export class QemuSharedFileSource implements MemoryBackend {
 
   /** QEMU's migration of everything but the shared RAM, into a unix socket Ferry listens on. */
   async saveDeviceState(sink: DeviceStateSink): Promise<void> {
-    await setMigrationCapabilities(this.qmp, { 'x-ignore-shared': true });
+    await setMigrationCapabilities(this.qmp, { 'x-ignore-shared': true, events: true });
+    this.ignoringShared = true;
     const dir = await mkdtemp(join(tmpdir(), 'ferry-devstate-'));
     const path = join(dir, 'out.sock');
     const server = createServer();
+    let socket: Socket | undefined;
     try {
       const accepted = new Promise<Socket>((resolve) => server.once('connection', resolve));
       await new Promise<void>((resolve, reject) => server.listen(path, resolve).once('error', reject));
+      const ended = watchMigrationEnd(this.qmp);
       await this.qmp.execute('migrate', { uri: `unix:${path}` });
-      const socket = await Promise.race([accepted, waitMigrationStatus(this.qmp, ['failed', 'cancelled'], 30_000).then((i) => Promise.reject(new MigrationError(`QEMU could not save the device state: ${i['error-desc'] ?? i.status}`)))]);
+      const failedEarly = ended(30_000).then((i) => Promise.reject(new MigrationError(`QEMU could not save the device state: ${i['error-desc'] ?? i.status}`)));
+      failedEarly.catch(() => undefined);
+      socket = await Promise.race([accepted, failedEarly]);
       for await (const chunk of socket) await sink(chunk as Buffer);
-      const info = await waitMigrationStatus(this.qmp, ['completed', 'failed', 'cancelled'], 30_000);
+      const info = await ended(30_000);
       if (info.status !== 'completed') throw new MigrationError(`QEMU could not save the device state: ${info['error-desc'] ?? info.status}`);
+    } catch (err) {
+      // QEMU must be done with this migration before the VM can run here again.
+      socket?.destroy();
+      await this.qmp.execute('migrate_cancel').catch(() => undefined);
+      await waitMigrationStatus(this.qmp, ['completed', 'failed', 'cancelled'], 10_000).catch(() => undefined);
+      throw err;
     } finally {
       server.close();
       await rm(dir, { recursive: true, force: true });
@@ -273,22 +291,29 @@ export class QemuSharedFileDestination implements DestinationVm, NativeIncoming 
     return handle.fd;
   }
 
-  /** Feeds QEMU's incoming migration (x-ignore-shared: device state only) from a unix socket it listens on. */
+  /**
+   * Feeds QEMU's incoming migration (x-ignore-shared: device state only) from a unix socket it listens on.
+   * QEMU is set listening and connected at once, so when the chunks come only their loading is left.
+   */
   async loadDeviceState(chunks: AsyncIterable<Buffer>): Promise<void> {
-    await setMigrationCapabilities(this.qmp, { 'x-ignore-shared': true });
+    await setMigrationCapabilities(this.qmp, { 'x-ignore-shared': true, events: true });
     const dir = await mkdtemp(join(tmpdir(), 'ferry-devstate-'));
     const path = join(dir, 'in.sock');
+    let socket: Socket;
+    const ended = watchMigrationEnd(this.qmp);
     try {
       await this.qmp.execute('migrate-incoming', { uri: `unix:${path}` });
-      const socket = await connectUnix(path, 10_000);
-      for await (const chunk of chunks) {
-        if (!socket.write(chunk)) await new Promise((resolve) => socket.once('drain', resolve));
-      }
-      socket.end();
-      await this.completed();
+      socket = await connectUnix(path, 10_000);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+    for await (const chunk of chunks) {
+      if (!socket.write(chunk)) await new Promise((resolve) => socket.once('drain', resolve));
+    }
+    socket.end();
+    const info = await ended(30_000);
+    if (info.status !== 'completed') throw new MigrationError(`QEMU could not load the device state: ${info['error-desc'] ?? info.status}`);
+    await this.checkPaused();
   }
 
   async open(): Promise<number> {
@@ -301,6 +326,10 @@ export class QemuSharedFileDestination implements DestinationVm, NativeIncoming 
   async completed(): Promise<void> {
     const info = await waitMigrationStatus(this.qmp, ['completed', 'failed', 'cancelled'], 120_000);
     if (info.status !== 'completed') throw new MigrationError(`QEMU could not load the device state: ${info['error-desc'] ?? info.status}`);
+    await this.checkPaused();
+  }
+
+  private async checkPaused(): Promise<void> {
     const status = await queryStatus(this.qmp);
     if (status !== 'paused') throw new MigrationError(`the destination VM is '${status}' after loading: it must be started with -S so that Ferry decides when it runs`);
   }

@@ -11,7 +11,7 @@ import { open, rm, type FileHandle } from 'node:fs/promises';
 import { VirtualClock } from '../clock.js';
 import type { PageLedger } from '../ledger.js';
 import { writePages, type WorkingSetModel } from '../workloads.js';
-import type { Clock, DestinationVm, DeviceStateSink, MemoryBackend } from '../types.js';
+import type { Clock, DestinationVm, DeviceStateSink, DirtySliceSink, MemoryBackend } from '../types.js';
 
 export interface SyntheticVmOptions {
   pageCount: number;
@@ -75,14 +75,16 @@ export class SyntheticVm implements MemoryBackend {
     this.tracking = true;
   }
 
-  async collectDirty(): Promise<Uint32Array> {
+  async collectDirty(onSlice?: DirtySliceSink): Promise<Uint32Array> {
     this.account();
     const out: number[] = [];
     for (let p = 0; p < this.pageCount; p++) if (this.dirty[p]) out.push(p);
     this.dirty.fill(0);
     const { clock, collectMsPerGiB } = this.options;
     if (clock instanceof VirtualClock && collectMsPerGiB) clock.advance((collectMsPerGiB * this.pageCount * this.pageSize) / 2 ** 30);
-    return Uint32Array.from(out);
+    const dirty = Uint32Array.from(out);
+    onSlice?.(dirty, this.pageCount);
+    return dirty;
   }
 
   async readPages(pages: Uint32Array, count: number, out: Buffer): Promise<void> {

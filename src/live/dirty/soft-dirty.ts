@@ -12,7 +12,7 @@
 import { open, readFile, readdir, realpath, writeFile } from 'node:fs/promises';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { PageLedger } from '../ledger.js';
-import type { DirtyTracker } from '../types.js';
+import type { DirtySliceSink, DirtyTracker } from '../types.js';
 
 const SOFT_DIRTY_BIT = 55n;
 
@@ -100,7 +100,7 @@ export class SoftDirtyTracker implements DirtyTracker {
     await clearSoftDirty(this.mapping.pid);
   }
 
-  async collect(): Promise<Uint32Array> {
+  async collect(onSlice?: DirtySliceSink): Promise<Uint32Array> {
     const bits = await this.withVcpusStopped(async () => {
       const b = await readSoftDirty(this.mapping, this.pageSize);
       await clearSoftDirty(this.mapping.pid);
@@ -108,7 +108,9 @@ export class SoftDirtyTracker implements DirtyTracker {
     });
     const out: number[] = [];
     for (let p = 0; p < bits.length; p++) if (bits[p]) out.push(p);
-    return Uint32Array.from(out);
+    const dirty = Uint32Array.from(out);
+    onSlice?.(dirty, bits.length);
+    return dirty;
   }
 
   async close(): Promise<void> {}

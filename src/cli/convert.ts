@@ -32,7 +32,8 @@ export function registerConvert(program: Command): void {
     .summary('convert a disk image to another format')
     .description(
       'Copy SRC into a new image DST in format -O, skipping unallocated and zero blocks.\n' +
-        'DST is written under a temporary name and renamed only when complete; SRC is only read.',
+        'DST is written under a temporary name and renamed only when complete; SRC is only read.\n' +
+        'With -n, DST must already exist (raw or qcow2, at least as large as SRC) and is written in place.',
     )
     .argument('<src>', 'source image')
     .argument('<dst>', 'output image')
@@ -44,7 +45,7 @@ export function registerConvert(program: Command): void {
     .option('--progress <mode>', 'progress output: bar (stderr) or json (JSON lines on stdout, for programs)')
     .option('-S, --sparse-size <size>', 'zero detection granularity; 0 writes every byte', '4k')
     .option('-m, --parallel <n>', 'parallel copy workers', '8')
-    .option('-n, --no-create', 'write into an existing target instead of creating it (raw targets)')
+    .option('-n, --no-create', 'write into an existing target instead of creating it (raw and qcow2 targets; it must be at least as large as SRC)')
     .option('--target-is-zero', 'the target already reads as zeroes: do not write zero ranges (with -n)')
     .option('-t, --cache <mode>', `output cache mode: unsafe (no fsync, as qemu-img) or writeback/none/... (fsync before the rename)`, 'unsafe')
     .option('-W', 'allow out-of-order writes (accepted for qemu-img compatibility; Ferry already writes in parallel)')

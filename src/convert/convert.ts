@@ -35,7 +35,9 @@ export async function convertImage(req: ConvertRequest): Promise<PipelineStats> 
     let writer: DiskWriter;
     if (req.noCreate) {
       if (!driver.openWriter) throw new UnsupportedFeatureError(`-n (write into an existing image) is not supported for ${driver.name} targets`, { field: 'n' });
-      writer = await driver.openWriter(req.target, source.virtualSize);
+      // qemu-img -c -n fails (EIO) on the first cluster the target already holds: refused up front instead.
+      if (req.compress) throw new InvalidOptionError('-c cannot be combined with -n', { field: 'compress' });
+      writer = await driver.openWriter(req.target, source.virtualSize, { allowExternal: req.allowExternal });
     } else {
       if (!driver.create) throw new UnsupportedFeatureError(`format ${driver.name} is read-only`, { field: 'format' });
       writer = await driver.create({ path: req.target, virtualSize: source.virtualSize, options, compress: req.compress ?? false, durable: req.durable });

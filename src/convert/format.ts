@@ -20,6 +20,11 @@ export interface CreateRequest {
   durable?: boolean;
 }
 
+export interface OpenWriterOptions {
+  /** The target's own backing chain may be read from outside its folder (--allow-external). */
+  allowExternal?: boolean;
+}
+
 /** Sizes `measure` reports, in bytes, as qemu-img measure does. */
 export interface MeasureResult {
   required: number;
@@ -55,8 +60,11 @@ export interface FormatDriver {
   readonly createOptions: readonly OptionSpec[];
   /** Absent for read-only formats. */
   create?(req: CreateRequest): Promise<DiskWriter>;
-  /** Writes into an existing image in place (qemu-img convert -n), for formats that allow it. */
-  openWriter?(path: string, virtualSize: number): Promise<DiskWriter>;
+  /**
+   * Writes into an existing image in place (qemu-img convert -n), for formats that allow it.
+   * `virtualSize` is the source's: a smaller target is refused, a larger one keeps what lies past it.
+   */
+  openWriter?(path: string, virtualSize: number, opts?: OpenWriterOptions): Promise<DiskWriter>;
   /** Whether `create` honours `compress`. */
   readonly compression: boolean;
   /** Output size for a given allocation of the source; extents cover the whole virtual size. */

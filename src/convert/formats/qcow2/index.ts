@@ -4,6 +4,7 @@ import type { CreateRequest, FormatDriver, MeasureResult } from '../../format.js
 import type { OptionSpec, OptionValues } from '../../options.js';
 import { OutputFile } from '../../output-file.js';
 import { checkQcow2 } from './check.js';
+import { Qcow2InPlaceWriter } from './in-place-writer.js';
 import { fullyAllocatedSize } from './geometry.js';
 import { QCOW2_MAGIC } from './layout.js';
 import { Qcow2Layer } from './reader.js';
@@ -78,6 +79,8 @@ export const qcow2Driver: FormatDriver = {
       throw err;
     }
   },
+
+  openWriter: (path, virtualSize, opts) => Qcow2InPlaceWriter.open(path, virtualSize, { allowExternal: opts?.allowExternal }),
 
   /** As qemu-img measure: allocated data rounded to clusters, plus fully-allocated metadata. */
   async measure(virtualSize: number, allocated: AsyncIterable<Extent>, values: OptionValues): Promise<MeasureResult> {

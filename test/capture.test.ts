@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { open, readFile, readdir, writeFile } from 'node:fs/promises';
+import { open, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -65,6 +65,7 @@ describe('ferry capture over SSH', () => {
   it('captures a file into raw, identical to the source, leaving nothing behind', async () => {
     const source = await makePatternedRaw(work.dir, 'plain.raw');
     const dest = join(work.dir, 'plain-out.raw');
+    const tmpBefore = (await stat(sshd.tmpDir)).mtimeMs;
     const r = await capture(source, dest, ['--progress=json']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
@@ -73,8 +74,9 @@ describe('ferry capture over SSH', () => {
     expect(done.format).toBe('raw');
     // Only the working files' absence proves the journal was cleaned up after a verified success.
     expect((await readdir(work.dir)).filter((f) => f.includes('ferry-capture'))).toEqual([]);
-    // The agent deleted its temporary directory on the source (here, the same machine).
-    const leftovers = (await readdir('/tmp')).filter((f) => f.startsWith('ferry-agent.'));
+    // The agent deleted its temporary directory on the source (here, the same machine): pushed there, and gone.
+    expect((await stat(sshd.tmpDir)).mtimeMs).toBeGreaterThan(tmpBefore);
+    const leftovers = (await readdir(sshd.tmpDir)).filter((f) => f.startsWith('ferry-agent.'));
     expect(leftovers).toEqual([]);
     // JSON progress carries the wire and write counters, phase by phase.
     const phases = new Set(jsonLines(r.stdout).filter((l) => l.type === 'phase').map((l) => l.phase));
@@ -186,18 +188,18 @@ describe('ferry capture over SSH', () => {
     }
   });
 
-  it('resumes after Ferry is killed, from what its last checkpoint made durable', async () => {
+  it('resumes after Ferry is killed, from what its journal recorded', async () => {
     const source = join(work.dir, 'kill.raw');
     await writeFile(source, randomBytes(40 * MiB));
     const dest = join(work.dir, 'kill-out.raw');
     const url = `ssh://root@127.0.0.1:${sshd.port}${source}`;
     const { spawn } = await import('node:child_process');
     const { FERRY } = await import('./helpers/env.js');
-    // Slowed down so that several checkpoints happen before the kill.
+    // Slowed down so that several journal flushes happen before the kill.
     const child = spawn(process.execPath, [FERRY, 'capture', '-i', sshd.userKey, '--known-hosts', sshd.knownHosts, '--bandwidth', '8M', '--progress=json', url, dest]);
     let stdout = '';
     child.stdout.on('data', (d) => (stdout += d));
-    // Killed once 20 MiB are in the working image: no chance to clean up or checkpoint on the way out.
+    // Killed once 20 MiB are in the working image: no chance to clean up or flush the journal on the way out.
     await new Promise<void>((resolve) => {
       const timer = setInterval(() => {
         const last = jsonLines(stdout).pop();
@@ -224,11 +226,12 @@ describe('ferry capture over SSH', () => {
     const size = 64 * MiB;
     const source = join(work.dir, 'live.raw');
     await writeFile(source, randomBytes(size));
-    const dest = join(work.dir, 'live-out.raw');
+    // qcow2: DEST is converted while each incremental pass runs, and thrown away when the pass finds changes.
+    const dest = join(work.dir, 'live-out.qcow2');
     const url = `ssh://root@127.0.0.1:${sshd.port}${source}`;
     const { spawn } = await import('node:child_process');
     const { FERRY } = await import('./helpers/env.js');
-    const child = spawn(process.execPath, [FERRY, 'capture', '-i', sshd.userKey, '--known-hosts', sshd.knownHosts, '--progress=json', '--bandwidth', '24M', url, dest]);
+    const child = spawn(process.execPath, [FERRY, 'capture', '-i', sshd.userKey, '--known-hosts', sshd.knownHosts, '--progress=json', '--bandwidth', '24M', '-O', 'qcow2', url, dest]);
     let stdout = '';
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
@@ -252,6 +255,7 @@ describe('ferry capture over SSH', () => {
     const done = doneLine(stdout);
     expect(done.passes as number).toBeGreaterThanOrEqual(2);
     expect(await imagesIdentical(source, dest)).toBe(true);
+    expect((await readdir(work.dir)).filter((f) => f.includes('ferry-capture'))).toEqual([]);
   });
 
   it('--sync brings an existing image up to date, fetching only what changed', async () => {

@@ -1,5 +1,7 @@
 import { createHmac, randomBytes } from 'node:crypto';
-import { appendFile, readFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { appendFile, chmod, copyFile, mkdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -9,7 +11,7 @@ import { parseInventory } from '../src/capture/machine.js';
 import { readPartitionTable } from '../src/capture/partitions.js';
 import { parseSshUrl } from '../src/capture/ssh-connection.js';
 import { native } from '../src/native.js';
-import { decodeDataFrame, zeroChunkHash } from '../src/transfer/chunk-codec.js';
+import { decodeDataFrame, runHash, zeroChunkHash, zeroChunkHashes } from '../src/transfer/chunk-codec.js';
 import { FrameReader } from '../src/transfer/frame-reader.js';
 import { Journal } from '../src/transfer/journal.js';
 import { AGENT_MAGIC, DataFlag, FrameType, HEADER_SIZE, MAX_CHUNK, PROTOCOL_VERSION, ProtocolError } from '../src/transfer/protocol.js';
@@ -121,23 +123,45 @@ describe('frames from a hostile agent', () => {
     const data = randomBytes(4096);
     const scratch = Buffer.alloc(4096);
     const good = { type: FrameType.Data, flags: 0, payloadLength: 4096, offset: 0, length: 4096, hash: xxh(data) };
-    expect((await decodeDataFrame(good, data, scratch, 'test'))?.equals(data)).toBe(true);
-    await expect(decodeDataFrame({ ...good, hash: Buffer.alloc(8) }, data, scratch, 'test')).rejects.toThrow(/does not match its hash/);
+    const decoded = await decodeDataFrame(good, data, 4096, scratch, 'test');
+    expect(decoded.data?.equals(data)).toBe(true);
+    expect(decoded.hashes.equals(xxh(data))).toBe(true);
+    await expect(decodeDataFrame({ ...good, hash: Buffer.alloc(8) }, data, 4096, scratch, 'test')).rejects.toThrow(/does not match its hash/);
     const zero = { ...good, flags: DataFlag.Zero, payloadLength: 0 };
-    expect(await decodeDataFrame({ ...zero, hash: zeroChunkHash(4096) }, Buffer.alloc(0), scratch, 'test')).toBeUndefined();
-    await expect(decodeDataFrame(zero, Buffer.alloc(0), scratch, 'test')).rejects.toThrow(/zero chunk/);
+    expect((await decodeDataFrame({ ...zero, hash: zeroChunkHash(4096) }, Buffer.alloc(0), 4096, scratch, 'test')).data).toBeUndefined();
+    await expect(decodeDataFrame(zero, Buffer.alloc(0), 4096, scratch, 'test')).rejects.toThrow(/zero data/);
+  });
+
+  it('checks a run of chunks by the hash of their hashes: any chunk changed, or two swapped, fails', async () => {
+    const chunks = [randomBytes(1024), randomBytes(1024), randomBytes(1000)];
+    const data = Buffer.concat(chunks);
+    const hashes = Buffer.concat(chunks.map(xxh));
+    expect(runHash(hashes).equals(xxh(hashes))).toBe(true);
+    const header = { type: FrameType.Data, flags: 0, payloadLength: data.length, offset: 0, length: data.length, hash: runHash(hashes) };
+    const decoded = await decodeDataFrame(header, data, 1024, Buffer.alloc(data.length), 'test');
+    expect(decoded.hashes.equals(hashes)).toBe(true);
+    const flipped = Buffer.from(data);
+    flipped[1500] ^= 1;
+    await expect(decodeDataFrame(header, flipped, 1024, Buffer.alloc(data.length), 'test')).rejects.toThrow(/does not match its hash/);
+    const swapped = Buffer.concat([chunks[1], chunks[0], chunks[2]]);
+    await expect(decodeDataFrame(header, swapped, 1024, Buffer.alloc(data.length), 'test')).rejects.toThrow(/does not match its hash/);
+    // All-zero runs travel as a flag; their hash is still the run hash of zero chunks, the last one short.
+    const zeroHeader = { ...header, flags: DataFlag.Zero, payloadLength: 0, hash: runHash(zeroChunkHashes(data.length, 1024)) };
+    expect((await decodeDataFrame(zeroHeader, Buffer.alloc(0), 1024, Buffer.alloc(data.length), 'test')).hashes.equals(zeroChunkHashes(data.length, 1024))).toBe(true);
+    expect(zeroChunkHashes(data.length, 1024).subarray(16).equals(zeroChunkHash(1000))).toBe(true);
   });
 
   it('rejects compressed data that does not decompress', async () => {
     const header = { type: FrameType.Data, flags: DataFlag.Zstd, payloadLength: 100, offset: 0, length: 4096, hash: Buffer.alloc(8) };
-    await expect(decodeDataFrame(header, randomBytes(100), Buffer.alloc(4096), 'test')).rejects.toThrow(/does not decompress/);
+    await expect(decodeDataFrame(header, randomBytes(100), 4096, Buffer.alloc(4096), 'test')).rejects.toThrow(/does not decompress/);
   });
 
-  it('fails a READ whose chunks come out of order, and every request after it', async () => {
+  it('fails a READ whose frames do not start and end where the chunk grid puts them, and every request after it', async () => {
     const data = Buffer.alloc(512, 1);
     const { channel } = await fakeAgent([frame(FrameType.Data, { offset: 512, length: 512, hash: xxh(data), payload: data })]);
+    // 512-byte chunks: the whole 1 KiB range is due in one frame.
     const first = channel.read(0, 1024, 512, 1, async () => undefined);
-    await expect(first).rejects.toThrow(/where 0\+512 was due/);
+    await expect(first).rejects.toThrow(/where 0\+1024 was due/);
     await expect(channel.hashes(0, 512, 512)).rejects.toThrow(ProtocolError);
   });
 
@@ -425,6 +449,83 @@ describe('machine inventory', () => {
 });
 
 describe('agent binary', () => {
+  const agentPath = async () => join((await import('./helpers/env.js')).ROOT, 'native', 'build', 'ferry-agent');
+
+  async function localAgent(device: string): Promise<AgentChannel> {
+    const child = spawn(await agentPath(), [device]);
+    return AgentChannel.start({ output: child.stdout, input: child.stdin, errors: child.stderr, where: 'local agent' });
+  }
+
+  it('sends runs of chunks per frame and hashes groups of chunks as Ferry computes them', async () => {
+    const chunk = 64 * 1024;
+    const hashesOf = (b: Buffer) => Buffer.concat(Array.from({ length: Math.ceil(b.length / chunk) }, (_, i) => xxh(b.subarray(i * chunk, (i + 1) * chunk))));
+    // 9.5 chunks: random, zero, compressible text, and a short last chunk.
+    const data = Buffer.concat([randomBytes(3 * chunk), Buffer.alloc(chunk), Buffer.alloc(2 * chunk, 'text '), randomBytes(3.5 * chunk)]);
+    const file = join(work.dir, 'agent-source.raw');
+    const whole = Buffer.concat([randomBytes(MAX_CHUNK), data]);
+    await writeFile(file, whole);
+    const channel = await localAgent(file);
+    try {
+      const chunkHashes = hashesOf(data);
+      expect((await channel.hashes(MAX_CHUNK, data.length, chunk)).equals(chunkHashes)).toBe(true);
+      // Groups of 4: three groups, the last of two chunks (one short), each the run hash of its members.
+      const grouped = await channel.hashes(MAX_CHUNK, data.length, chunk, 4);
+      expect(grouped.length).toBe(3 * 8);
+      for (let g = 0; g < 3; g++) expect(grouped.subarray(g * 8, g * 8 + 8).equals(runHash(chunkHashes.subarray(g * 32, g * 32 + 32)))).toBe(true);
+
+      const runs: Array<{ offset: number; length: number; hashes: Buffer }> = [];
+      const back = Buffer.alloc(whole.length);
+      await channel.read(0, whole.length, chunk, 1, async (run) => {
+        runs.push({ offset: run.offset, length: run.length, hashes: Buffer.from(run.hashes) });
+        run.data?.copy(back, run.offset);
+      });
+      // A full frame of MAX_CHUNK bytes, then the rest: each frame a run of chunks with every chunk's hash.
+      expect(runs.map((r) => [r.offset, r.length])).toEqual([[0, MAX_CHUNK], [MAX_CHUNK, data.length]]);
+      expect(runs[0].hashes.equals(hashesOf(whole.subarray(0, MAX_CHUNK)))).toBe(true);
+      expect(runs[1].hashes.equals(chunkHashes)).toBe(true);
+      expect(back.equals(whole)).toBe(true);
+    } finally {
+      channel.close();
+    }
+  });
+
+  it('removes the pushed binary it runs from when asked or when it exits, and never anything else', async () => {
+    const file = join(work.dir, 'agent-unlink.raw');
+    await writeFile(file, randomBytes(4096));
+    const pushed = async (name: string) => {
+      const dir = join(work.dir, name);
+      await mkdir(dir);
+      await copyFile(await agentPath(), join(dir, 'ferry-agent'));
+      await chmod(join(dir, 'ferry-agent'), 0o700);
+      const child = spawn(join(dir, 'ferry-agent'), [file]);
+      const channel = await AgentChannel.start({ output: child.stdout, input: child.stdin, errors: child.stderr, where: 'local agent' });
+      return { dir, child, channel };
+    };
+    const asked = await pushed('ferry-agent.asked123');
+    try {
+      await asked.channel.unlinkSelf();
+      expect(existsSync(asked.dir)).toBe(false);
+      // The running agent keeps serving from its deleted binary.
+      expect((await asked.channel.info()).size).toBe(4096);
+    } finally {
+      asked.channel.close();
+    }
+    // A connection lost before Ferry asked: the agent sees its input end and cleans up on the way out.
+    const lost = await pushed('ferry-agent.lost4567');
+    const exited = new Promise((resolve) => lost.child.once('exit', resolve));
+    lost.channel.close();
+    await exited;
+    expect(existsSync(lost.dir)).toBe(false);
+    // Started from anywhere else (here, the build directory): refused, and nothing removed.
+    const built = await localAgent(file);
+    try {
+      await expect(built.unlinkSelf()).rejects.toThrow(/not started from a pushed agent directory/);
+      expect(existsSync(await agentPath())).toBe(true);
+    } finally {
+      built.close();
+    }
+  });
+
   it('is statically linked, so it runs on a source without our libraries', async () => {
     const { ROOT } = await import('./helpers/env.js');
     const elf = await readFile(join(ROOT, 'native', 'build', 'ferry-agent'));

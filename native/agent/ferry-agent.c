@@ -5,13 +5,19 @@
  * hashes, compresses and freezes; every decision (which ranges, which passes, what changed) is Ferry's.
  *
  * Protocol (all integers little-endian; the TypeScript side is src/transfer/protocol.ts):
- *   request, 32 bytes: u8 op, u8[3] 0, u32 chunk, u64 offset, u64 length, i32 level, u32 extra_len,
- *                      then extra_len bytes of argument (FREEZE: NUL-separated mount points)
+ *   request, 32 bytes: u8 op, u8[3] 0, u32 chunk, u64 offset, u64 length, i32 arg (READ: zstd level; HASH:
+ *                      chunks per hash), u32 extra_len, then extra_len bytes of argument (FREEZE:
+ *                      NUL-separated mount points)
  *   frame,   32 bytes: u8 type, u8 flags, u16 0, u32 payload_len, u64 offset, u32 length, u32 0, u64 hash,
  *                      then payload_len bytes
  * On start the agent sends HELLO (offset = protocol version, hash = AGENT_MAGIC). Requests are answered in
  * order, so Ferry may pipeline them. Any failure of one request is an ERROR frame with a message; the
  * agent keeps serving. EOF on stdin ends the agent (and thaws anything it froze).
+ *
+ * Chunks are the unit of hashing and resume; a DATA frame carries a run of them (as many as fit in
+ * MAX_CHUNK bytes), compressed as one: per-chunk frames cost a header each and restart zstd's history every
+ * chunk. A frame's hash is the run hash of its chunks: the chunk's XXH64 for a run of one, else the XXH64 of
+ * the chunks' XXH64s (8 little-endian bytes each), so Ferry checks every chunk with one field.
  *
  * Freezing is delegated to a watchdog child process that freezes, then thaws when Ferry asks, when the
  * timeout passes, or when the agent disappears for any reason (even SIGKILL): the child waits on a pipe
@@ -36,17 +42,19 @@
 #include <zstd.h>
 #include "../xxh64.h"
 
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 2
 #define AGENT_MAGIC 0x3147415952524546ULL /* "FERRYAG1" read as a little-endian u64 */
 #define HEADER_SIZE 32
 #define MIN_CHUNK 512u
 #define MAX_CHUNK (4u << 20)
 #define MAX_EXTRA 65536u
 #define HASHES_PER_FRAME 65536u
+/* HASH: the most chunks one hash may stand for (a frame's worth of the smallest chunks). */
+#define MAX_HASH_GROUP (MAX_CHUNK / MIN_CHUNK)
 #define SEGMENTS_PER_FRAME 4096u
 #define MAX_MOUNTS 64
 
-enum { OP_INFO = 1, OP_READ = 2, OP_HASH = 3, OP_SEGMENTS = 4, OP_FREEZE = 5, OP_THAW = 6 };
+enum { OP_INFO = 1, OP_READ = 2, OP_HASH = 3, OP_SEGMENTS = 4, OP_FREEZE = 5, OP_THAW = 6, OP_UNLINK_SELF = 7 };
 enum {
   FR_HELLO = 1,
   FR_INFO = 2,
@@ -57,6 +65,7 @@ enum {
   FR_ERROR = 7,
   FR_FROZEN = 8,
   FR_THAWED = 9,
+  FR_UNLINKED = 10,
 };
 enum { DATA_ZERO = 1, DATA_ZSTD = 2 };
 enum { THAWED_BY_WATCHDOG = 1 };
@@ -76,6 +85,8 @@ static size_t zbuf_cap;
 static ZSTD_CCtx *cctx;
 static pid_t watchdog_pid = -1;
 static int watchdog_ctl = -1; /* write end: closing it tells the watchdog to thaw */
+
+static int remove_self(void);
 
 static void put_u32(uint8_t *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -116,7 +127,10 @@ static void send_frame(uint8_t type, uint8_t flags, uint64_t offset, uint32_t le
   put_u32(h + 16, length);
   ferry_put_le64(h + 24, hash);
   struct iovec iov[2] = {{h, HEADER_SIZE}, {(void *)payload, payload_len}};
-  if (write_all(STDOUT_FILENO, iov, payload_len ? 2 : 1) != 0) _exit(1);
+  if (write_all(STDOUT_FILENO, iov, payload_len ? 2 : 1) != 0) {
+    remove_self();
+    _exit(1);
+  }
 }
 
 static void send_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -192,26 +206,43 @@ static int check_range(uint64_t offset, uint64_t length, uint32_t chunk) {
   return 0;
 }
 
-/* READ: one DATA frame per chunk, compressed when that saves space, a flag only when all zero. */
+/* Chunks per DATA frame: Ferry computes the same number to know where each frame must start. */
+static uint32_t chunks_per_frame(uint32_t chunk) { return chunk >= MAX_CHUNK ? 1 : MAX_CHUNK / chunk; }
+
+static uint64_t run_hash(const uint8_t *hashes, uint32_t count) {
+  return count == 1 ? ferry_xxh_read64(hashes) : ferry_xxh64(hashes, (size_t)count * 8, 0);
+}
+
+/* XXH64 of each chunk of buf[0, len) into hashes; returns the number of chunks. */
+static uint32_t hash_chunks(const uint8_t *buf, uint32_t len, uint32_t chunk, uint8_t *hashes) {
+  uint32_t n = 0;
+  for (uint32_t at = 0; at < len; at += chunk, n++) ferry_put_le64(hashes + 8 * n, ferry_xxh64(buf + at, len - at < chunk ? len - at : chunk, 0));
+  return n;
+}
+
+/* READ: DATA frames of up to chunks_per_frame chunks each, compressed when that saves space, a flag only
+ * when all zero. */
 static void do_read(uint64_t offset, uint64_t length, uint32_t chunk, int level) {
   if (check_range(offset, length, chunk)) return;
   if (level > 0 && !cctx && !(cctx = ZSTD_createCCtx())) {
     send_error("cannot create a zstd context");
     return;
   }
-  for (uint64_t pos = offset; pos < offset + length; pos += chunk) {
-    uint32_t len = (uint32_t)(offset + length - pos < chunk ? offset + length - pos : chunk);
+  static uint8_t hashes[(MAX_CHUNK / MIN_CHUNK) * 8];
+  uint64_t frame = (uint64_t)chunks_per_frame(chunk) * chunk;
+  for (uint64_t pos = offset; pos < offset + length; pos += frame) {
+    uint32_t len = (uint32_t)(offset + length - pos < frame ? offset + length - pos : frame);
     if (pread_full(chunk_buf, len, pos) != 0) {
       send_error("read at %llu: %s", (unsigned long long)pos, strerror(errno));
       return;
     }
-    uint64_t hash = ferry_xxh64(chunk_buf, len, 0);
+    uint64_t hash = run_hash(hashes, hash_chunks(chunk_buf, len, chunk, hashes));
     if (is_zero(chunk_buf, len)) {
       send_frame(FR_DATA, DATA_ZERO, pos, len, hash, NULL, 0);
       continue;
     }
     if (level > 0) {
-      /* Capacity len - 1: a result that does not shrink the chunk goes out plain. */
+      /* Capacity len - 1: a result that does not shrink the run goes out plain. */
       size_t n = ZSTD_compressCCtx(cctx, zbuf, len - 1 < zbuf_cap ? len - 1 : zbuf_cap, chunk_buf, len, level);
       if (!ZSTD_isError(n)) {
         send_frame(FR_DATA, DATA_ZSTD, pos, len, hash, zbuf, (uint32_t)n);
@@ -223,26 +254,43 @@ static void do_read(uint64_t offset, uint64_t length, uint32_t chunk, int level)
   send_frame(FR_END, 0, offset, 0, 0, NULL, 0);
 }
 
-/* HASH: the XXH64 of every chunk, batched into HASHES frames (offset = first chunk, length = count). */
-static void do_hash(uint64_t offset, uint64_t length, uint32_t chunk) {
+/* HASH: one hash per `group` chunks (the run hash of the group; the chunk's own hash when group is 1),
+ * batched into HASHES frames (offset = first chunk of the frame's first group, length = count). Ferry asks
+ * for group hashes first and for chunk hashes only inside groups that changed: a pass over a quiet disk
+ * costs 8 bytes per group on the wire, not per chunk. */
+static void do_hash(uint64_t offset, uint64_t length, uint32_t chunk, int group_arg) {
   if (check_range(offset, length, chunk)) return;
-  static uint8_t hashes[HASHES_PER_FRAME * 8];
-  uint32_t count = 0;
+  if (group_arg < 1 || (uint32_t)group_arg > MAX_HASH_GROUP) {
+    send_error("hash group of %d chunks outside 1..%u", group_arg, MAX_HASH_GROUP);
+    return;
+  }
+  uint32_t group = (uint32_t)group_arg;
+  static uint8_t out[HASHES_PER_FRAME * 8];
+  static uint8_t member[MAX_HASH_GROUP * 8];
+  uint32_t count = 0, members = 0;
   uint64_t first = offset;
-  for (uint64_t pos = offset; pos < offset + length; pos += chunk) {
-    uint32_t len = (uint32_t)(offset + length - pos < chunk ? offset + length - pos : chunk);
+  /* Read a frame's worth at a time (fewer system calls, larger O_DIRECT requests), hash chunk by chunk. */
+  uint64_t step = (uint64_t)chunks_per_frame(chunk) * chunk;
+  for (uint64_t pos = offset; pos < offset + length; pos += step) {
+    uint32_t len = (uint32_t)(offset + length - pos < step ? offset + length - pos : step);
     if (pread_full(chunk_buf, len, pos) != 0) {
       send_error("read at %llu: %s", (unsigned long long)pos, strerror(errno));
       return;
     }
-    ferry_put_le64(hashes + 8 * count++, ferry_xxh64(chunk_buf, len, 0));
-    if (count == HASHES_PER_FRAME) {
-      send_frame(FR_HASHES, 0, first, count, 0, hashes, count * 8);
-      first = pos + len;
-      count = 0;
+    for (uint32_t at = 0; at < len; at += chunk) {
+      ferry_put_le64(member + 8 * members++, ferry_xxh64(chunk_buf + at, len - at < chunk ? len - at : chunk, 0));
+      int last = pos + at + chunk >= offset + length;
+      if (members < group && !last) continue;
+      ferry_put_le64(out + 8 * count++, run_hash(member, members));
+      members = 0;
+      if (count == HASHES_PER_FRAME) {
+        send_frame(FR_HASHES, 0, first, count, 0, out, count * 8);
+        first = pos + at + chunk;
+        count = 0;
+      }
     }
   }
-  if (count) send_frame(FR_HASHES, 0, first, count, 0, hashes, count * 8);
+  if (count) send_frame(FR_HASHES, 0, first, count, 0, out, count * 8);
   send_frame(FR_END, 0, offset, 0, 0, NULL, 0);
 }
 
@@ -422,6 +470,44 @@ static void do_thaw(void) {
   send_frame(FR_THAWED, st == WATCHDOG_TIMEOUT ? THAWED_BY_WATCHDOG : 0, 0, 0, 0, NULL, 0);
 }
 
+/* The directory Ferry's push script made for this binary (argv[0] is its full path), or empty when the agent
+ * was started from anywhere else. */
+static char self_dir[4096];
+
+static void remember_self(const char *argv0) {
+  const char *slash = strrchr(argv0, '/');
+  if (argv0[0] != '/' || !slash || strcmp(slash + 1, "ferry-agent") != 0 || (size_t)(slash - argv0) >= sizeof self_dir) return;
+  size_t n = (size_t)(slash - argv0);
+  memcpy(self_dir, argv0, n);
+  self_dir[n] = 0;
+  const char *base = strrchr(self_dir, '/');
+  if (strncmp(base + 1, "ferry-agent.", 12) != 0) self_dir[0] = 0;
+}
+
+/* Removes the pushed binary and its directory; running agents keep their copy. Safe in any exit path. */
+static int remove_self(void) {
+  if (!self_dir[0]) return 0;
+  char binary[sizeof self_dir + 16];
+  snprintf(binary, sizeof binary, "%s/ferry-agent", self_dir);
+  if ((unlink(binary) != 0 && errno != ENOENT) || (rmdir(self_dir) != 0 && errno != ENOENT)) return -1;
+  return 0;
+}
+
+/* UNLINK_SELF: Ferry asks the first agent to remove the binary once every agent runs. Doing it here instead of
+ * in another SSH command saves a remote shell start, often the slowest step of connecting (login shells read
+ * their rc files). Every agent also removes it when it exits, so a connection lost before that leaves nothing. */
+static void do_unlink_self(void) {
+  if (!self_dir[0]) {
+    send_error("not started from a pushed agent directory");
+    return;
+  }
+  if (remove_self() != 0) {
+    send_error("remove %s: %s", self_dir, strerror(errno));
+    return;
+  }
+  send_frame(FR_UNLINKED, 0, 0, 0, 0, NULL, 0);
+}
+
 static void do_info(void) {
   uint8_t info[16] = {0};
   uint32_t sector = 512;
@@ -446,6 +532,7 @@ int main(int argc, char **argv) {
   }
   /* A vanished reader must surface as a write error (and a clean exit), never as a silent kill. */
   signal(SIGPIPE, SIG_IGN);
+  remember_self(argv[0]);
   dev_fd = open(argv[1], O_RDONLY | O_CLOEXEC);
   if (dev_fd < 0) {
     fprintf(stderr, "ferry-agent: %s: %s\n", argv[1], strerror(errno));
@@ -495,7 +582,7 @@ int main(int argc, char **argv) {
     uint8_t op = req[0];
     uint32_t chunk = get_u32(req + 4);
     uint64_t offset = get_u64(req + 8), length = get_u64(req + 16);
-    int level = (int)get_u32(req + 24);
+    int arg = (int)get_u32(req + 24);
     uint32_t extra_len = get_u32(req + 28);
     if (extra_len > MAX_EXTRA) break; /* cannot resynchronise with the stream: give up */
     if (extra_len && read_full(STDIN_FILENO, extra, extra_len) != 1) break;
@@ -504,10 +591,13 @@ int main(int argc, char **argv) {
         do_info();
         break;
       case OP_READ:
-        do_read(offset, length, chunk, level > 22 ? 22 : level);
+        do_read(offset, length, chunk, arg > 22 ? 22 : arg);
         break;
       case OP_HASH:
-        do_hash(offset, length, chunk);
+        do_hash(offset, length, chunk, arg);
+        break;
+      case OP_UNLINK_SELF:
+        do_unlink_self();
         break;
       case OP_SEGMENTS:
         do_segments(offset, length);
@@ -523,5 +613,6 @@ int main(int argc, char **argv) {
     }
   }
   release_freeze();
+  remove_self();
   return 0;
 }

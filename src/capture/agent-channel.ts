@@ -4,11 +4,13 @@ import { FrameReader, type Frame } from '../transfer/frame-reader.js';
 import {
   AGENT_MAGIC,
   AgentError,
+  chunksPerFrame,
   decodeInfo,
   encodeRequest,
   FrameType,
   HEADER_SIZE,
   MAX_CHUNK,
+  MAX_HASH_GROUP,
   Op,
   PROTOCOL_VERSION,
   ProtocolError,
@@ -18,7 +20,7 @@ import {
 } from '../transfer/protocol.js';
 import type { RateLimiter } from '../transfer/rate-limiter.js';
 import { SourceConnectionError } from './errors.js';
-import type { ReceivedChunk } from './source.js';
+import type { ReceivedRun } from './source.js';
 
 /** The byte streams of one running agent, however it was started (an SSH exec channel, a local process). */
 export interface AgentStreams {
@@ -50,7 +52,7 @@ export class AgentChannel {
   private readonly queue: PendingReply[] = [];
   private failure: Error | undefined;
   private stderrTail = '';
-  /** Scratch for decompressing DATA frames: one chunk per channel, reused. */
+  /** Scratch for decompressing DATA frames: one frame per channel, reused. */
   private readonly scratch = Buffer.allocUnsafe(MAX_CHUNK);
   /** Source bytes the agent read for this channel. */
   bytesRead = 0;
@@ -96,45 +98,56 @@ export class AgentChannel {
     }).then(() => info!);
   }
 
-  /** READ: DATA frames for each chunk of the range, strictly in order, then END. */
-  read(offset: number, length: number, chunkSize: number, level: number, onChunk: (chunk: ReceivedChunk) => Promise<void>): Promise<void> {
+  /** READ: DATA frames, each a run of chunksPerFrame chunks (the last shorter), strictly in order, then END. */
+  read(offset: number, length: number, chunkSize: number, level: number, onRun: (run: ReceivedRun) => Promise<void>): Promise<void> {
     let next = offset;
     const end = offset + length;
-    return this.request({ op: Op.Read, offset, length, chunk: chunkSize, level }, async ({ header, payload }) => {
+    const frameBytes = chunksPerFrame(chunkSize) * chunkSize;
+    return this.request({ op: Op.Read, offset, length, chunk: chunkSize, arg: level }, async ({ header, payload }) => {
       if (header.type === FrameType.End) {
         if (next !== end) throw new ProtocolError(`${this.streams.where}: READ ended at ${next}, before ${end}`);
         return true;
       }
       expect(header.type === FrameType.Data, 'DATA', header.type);
-      const want = Math.min(chunkSize, end - next);
+      const want = Math.min(frameBytes, end - next);
       if (header.offset !== next || header.length !== want) {
-        throw new ProtocolError(`${this.streams.where}: chunk ${header.offset}+${header.length} where ${next}+${want} was due`);
+        throw new ProtocolError(`${this.streams.where}: data ${header.offset}+${header.length} where ${next}+${want} was due`);
       }
-      const data = await decodeDataFrame(header, payload, this.scratch, this.streams.where);
+      const { data, hashes } = await decodeDataFrame(header, payload, chunkSize, this.scratch, this.streams.where);
       this.bytesRead += header.length;
       next += header.length;
-      await onChunk({ offset: header.offset, length: header.length, hash: Buffer.from(header.hash), data });
+      await onRun({ offset: header.offset, length: header.length, hashes, data });
       return false;
     });
   }
 
-  /** HASH: 8 bytes per chunk of the range. */
-  hashes(offset: number, length: number, chunkSize: number): Promise<Buffer> {
-    const count = Math.ceil(length / chunkSize);
+  /** HASH: 8 bytes per `group` chunks of the range (see BlockSource.hashes). */
+  hashes(offset: number, length: number, chunkSize: number, group = 1): Promise<Buffer> {
+    if (!Number.isInteger(group) || group < 1 || group > MAX_HASH_GROUP) throw new RangeError(`hash group of ${group} chunks`);
+    const span = chunkSize * group;
+    const count = Math.ceil(length / span);
     const out = Buffer.alloc(count * 8);
     let got = 0;
-    return this.request({ op: Op.Hash, offset, length, chunk: chunkSize }, async ({ header, payload }) => {
+    return this.request({ op: Op.Hash, offset, length, chunk: chunkSize, arg: group }, async ({ header, payload }) => {
       if (header.type === FrameType.End) {
         if (got !== count) throw new ProtocolError(`${this.streams.where}: ${got} hashes where ${count} were due`);
         return true;
       }
       expect(header.type === FrameType.Hashes, 'HASHES', header.type);
-      if (header.offset !== offset + got * chunkSize || got + header.length > count) throw new ProtocolError(`${this.streams.where}: hashes out of order`);
+      if (header.offset !== offset + got * span || got + header.length > count) throw new ProtocolError(`${this.streams.where}: hashes out of order`);
       payload.copy(out, got * 8);
       got += header.length;
-      this.bytesRead += Math.min(header.length * chunkSize, offset + length - header.offset);
+      this.bytesRead += Math.min(header.length * span, offset + length - header.offset);
       return false;
     }).then(() => out);
+  }
+
+  /** UNLINK_SELF: removes the pushed binary this agent runs from, and its directory, on the source. */
+  unlinkSelf(): Promise<void> {
+    return this.request({ op: Op.UnlinkSelf }, async ({ header }) => {
+      expect(header.type === FrameType.Unlinked, 'UNLINKED', header.type);
+      return true;
+    });
   }
 
   /** SEGMENTS: the ranges of [offset, offset+length) that hold data, ascending and inside the range. */

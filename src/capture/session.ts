@@ -1,14 +1,15 @@
-import { rename, rm } from 'node:fs/promises';
+import { open, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { convertImage } from '../convert/convert.js';
 import { openDisk } from '../convert/open.js';
 import { findDriver } from '../convert/registry.js';
 import { CancelledError } from '../errors.js';
-import { hashChunks, HASH_SIZE } from '../transfer/chunk-codec.js';
+import { hashChunks, HASH_SIZE, runHash } from '../transfer/chunk-codec.js';
+import { chunksPerFrame } from '../transfer/protocol.js';
 import { CaptureConsistencyError, VerificationError } from './errors.js';
 import { planCapture, type CapturePlan, type FilesystemArea } from './plan.js';
-import type { BlockSource, ReceivedChunk } from './source.js';
+import type { BlockSource, ReceivedRun } from './source.js';
 import { WorkingImage, workingPaths } from './working-image.js';
 
 export interface CaptureSettings {
@@ -74,11 +75,20 @@ export interface CaptureResult {
   elapsedMs: number;
 }
 
-/** Chunks per READ request: large enough to keep the agent streaming, small enough to balance channels. */
-const READ_RUN_CHUNKS = 64;
-const HASH_RUN_CHUNKS = 256;
+/** Bytes per READ request: large enough to keep the agent streaming, small enough to balance channels. */
+const READ_RUN_BYTES = 16 * 1024 * 1024;
+/** Bytes per HASH request of a sync pass. */
+const HASH_RUN_BYTES = 64 * 1024 * 1024;
 const VERIFY_BATCH = 16 * 1024 * 1024;
 const VERIFY_READERS = 4;
+
+/** DEST's format being written from the working image, possibly while a last pass checks the source. */
+interface Conversion {
+  /** Resolves with the written file, or undefined for raw (the working image is DEST). */
+  result: Promise<string | undefined>;
+  /** Stops the conversion and removes what it wrote. */
+  cancel(): Promise<void>;
+}
 
 /**
  * Drives one disk's capture: a full first pass while the source runs, incremental passes that hash the
@@ -88,6 +98,8 @@ const VERIFY_READERS = 4;
  */
 export class CaptureSession {
   private image!: WorkingImage;
+  /** The conversion's progress, reported while the phase is 'convert'. */
+  private convertedBytes = 0;
   private progress: CaptureProgress = { phase: 'plan', pass: 0, done: 0, total: 0, bytesRead: 0, bytesOnWire: 0, bytesWritten: 0 };
   private changedBytes = 0;
 
@@ -103,6 +115,7 @@ export class CaptureSession {
     const opened = await WorkingImage.open(s.dest, { source: this.source.description, size: this.source.size, chunkSize }, { sync: s.sync, log: s.log });
     this.image = opened.image;
     s.log.info({ source: this.source.description, dest: s.dest, start: opened.start, knownBytes: opened.knownBytes }, 'capture starting');
+    let conversion: Conversion | undefined;
     try {
       this.enter('plan', 0, 0);
       const mounts = s.freeze ? await this.source.mountPoints() : [];
@@ -124,16 +137,23 @@ export class CaptureSession {
         pass++;
         // Without a freeze every pass may be the last, so its plan must be exact.
         plan = await this.plan(!freezing, true);
+        // ... and DEST is written while it runs: kept if the pass finds nothing changed (the usual outcome
+        // once a source is quiet), redone otherwise. The pass mostly waits for the source meanwhile.
+        if (!freezing) conversion = this.convert();
         changed = await this.syncPass(plan, 'sync', pass, false);
         this.changedBytes += changed;
         if (!freezing && changed === 0) break;
+        await conversion?.cancel();
+        conversion = undefined;
       }
       if (freezing) {
         pass++;
         plan = await this.frozenPass(mounts, pass);
       }
-      await this.image.checkpoint();
-      await this.produceDestination(plan);
+      // Recorded for a rerun should Ferry be stopped while DEST is written; made durable only if that fails.
+      await this.image.flush();
+      conversion ??= this.convert();
+      await this.finishDestination(plan, conversion);
       await this.image.remove();
       const counters = this.source.counters;
       return {
@@ -154,6 +174,7 @@ export class CaptureSession {
         elapsedMs: performance.now() - started,
       };
     } catch (err) {
+      await conversion?.cancel();
       // Keep everything already written for the next run: make it durable before giving up.
       await this.image.checkpoint().catch(() => undefined);
       await this.image.close();
@@ -206,7 +227,7 @@ export class CaptureSession {
 
   /** Fetches the plan's chunks selected by `want`; returns the bytes fetched. */
   private async copy(plan: CapturePlan, want: (index: number) => boolean, phase: CapturePhase, pass: number): Promise<number> {
-    const runs = [...chunkRuns(plan, want, READ_RUN_CHUNKS)];
+    const runs = [...chunkRuns(plan, want, this.chunksPer(READ_RUN_BYTES))];
     this.enter(phase, pass, runs.reduce((n, [first, count]) => n + this.runBytes(first, count), 0));
     let fetched = 0;
     await this.inParallel(runs, async ([first, count]) => {
@@ -216,77 +237,143 @@ export class CaptureSession {
   }
 
   /**
-   * Hashes the plan's chunks at the source and fetches those whose hash differs from the journal's. When
-   * frozen, a fetched chunk must hash to what the source reported a moment before: the data cannot change.
+   * Hashes the plan's chunks at the source and fetches those whose hash differs from the journal's. The
+   * source hashes groups of chunks (a DATA frame's worth) first, and its chunks one by one only inside a group
+   * that differs: a pass over a quiet disk costs 8 bytes per group on the wire. When frozen, a fetched chunk
+   * must hash to what the source reported a moment before: the data cannot change.
    */
   private async syncPass(plan: CapturePlan, phase: CapturePhase, pass: number, frozen: boolean): Promise<number> {
-    const runs = [...chunkRuns(plan, () => true, HASH_RUN_CHUNKS)];
-    this.enter(phase, pass, plan.bytes);
-    const image = this.image;
     const C = this.settings.chunkSize;
+    const group = chunksPerFrame(C);
+    const runs = [...chunkRuns(plan, () => true, Math.max(group, this.chunksPer(HASH_RUN_BYTES)))];
+    this.enter(phase, pass, plan.bytes);
     let changedBytes = 0;
     await this.inParallel(runs, async ([first, count]) => {
       const length = this.runBytes(first, count);
-      const hashes = await this.source.hashes(first * C, length, C);
+      const hashes = await this.source.hashes(first * C, length, C, group);
       this.advance(length);
-      for (let j = 0; j < count; ) {
-        if (image.holds(first + j, hashes, j * HASH_SIZE)) {
-          j++;
-          continue;
-        }
-        let n = 1;
-        while (j + n < count && n < READ_RUN_CHUNKS && !image.holds(first + j + n, hashes, (j + n) * HASH_SIZE)) n++;
-        this.settings.log.debug({ offset: (first + j) * C, chunks: n }, 'changed at the source');
-        const expected = frozen ? hashes.subarray(j * HASH_SIZE, (j + n) * HASH_SIZE) : undefined;
-        changedBytes += await this.fetch(first + j, n, expected, false);
-        j += n;
+      if (group === 1) {
+        changedBytes += await this.fetchChanged(first, count, hashes, frozen);
+        return;
+      }
+      for (let g = 0; g < count; g += group) {
+        const n = Math.min(group, count - g);
+        if (this.holdsRun(first + g, n, hashes, (g / group) * HASH_SIZE)) continue;
+        changedBytes += await this.fetchChanged(first + g, n, await this.source.hashes((first + g) * C, this.runBytes(first + g, n), C), frozen);
       }
     });
     return changedBytes;
   }
 
+  /** Fetches the chunks of [first, first+count) whose hash at the source (`hashes`, one per chunk) the image does not hold. */
+  private async fetchChanged(first: number, count: number, hashes: Buffer, frozen: boolean): Promise<number> {
+    const C = this.settings.chunkSize;
+    const image = this.image;
+    const perRead = this.chunksPer(READ_RUN_BYTES);
+    let fetched = 0;
+    for (let j = 0; j < count; ) {
+      if (image.holds(first + j, hashes, j * HASH_SIZE)) {
+        j++;
+        continue;
+      }
+      let n = 1;
+      while (j + n < count && n < perRead && !image.holds(first + j + n, hashes, (j + n) * HASH_SIZE)) n++;
+      this.settings.log.debug({ offset: (first + j) * C, chunks: n }, 'changed at the source');
+      const expected = frozen ? hashes.subarray(j * HASH_SIZE, (j + n) * HASH_SIZE) : undefined;
+      fetched += await this.fetch(first + j, n, expected, false);
+      j += n;
+    }
+    return fetched;
+  }
+
+  /** Whether chunks [first, first+count) hold what the source's run hash at hashes[at, at+8) stands for. */
+  private holdsRun(first: number, count: number, hashes: Buffer, at: number): boolean {
+    const known = Buffer.allocUnsafe(count * HASH_SIZE);
+    for (let j = 0; j < count; j++) {
+      const h = this.image.knownHash(first + j);
+      if (!h) return false;
+      h.copy(known, j * HASH_SIZE);
+    }
+    return runHash(known).compare(hashes, at, at + HASH_SIZE) === 0;
+  }
+
   private async fetch(first: number, count: number, expected: Buffer | undefined, countProgress = true): Promise<number> {
     const C = this.settings.chunkSize;
     const length = this.runBytes(first, count);
-    await this.source.read(first * C, length, C, async (chunk: ReceivedChunk) => {
-      const index = chunk.offset / C;
-      if (expected && !chunk.hash.equals(expected.subarray((index - first) * HASH_SIZE, (index - first + 1) * HASH_SIZE))) {
+    await this.source.read(first * C, length, C, async (run: ReceivedRun) => {
+      const index = run.offset / C;
+      if (expected && !run.hashes.equals(expected.subarray((index - first) * HASH_SIZE, (index - first) * HASH_SIZE + run.hashes.length))) {
         throw new CaptureConsistencyError(
-          `${this.source.description}: the chunk at ${chunk.offset} changed while the filesystems were frozen (something writes to the device directly)`,
+          `${this.source.description}: data at ${run.offset} changed while the filesystems were frozen (something writes to the device directly)`,
         );
       }
-      await this.image.store(index, chunk);
-      if (countProgress) this.advance(chunk.length);
+      await this.image.store(index, run);
+      if (countProgress) this.advance(run.length);
       else this.report();
     });
     return length;
   }
 
-  /** Writes DEST in its format from the working image, verifies it, and only then puts it in place. */
-  private async produceDestination(plan: CapturePlan): Promise<void> {
+  /** Starts writing DEST's format from the working image into a staging file beside DEST. */
+  private convert(): Conversion {
     const s = this.settings;
     const driver = findDriver(s.format);
-    if (driver.name === 'raw') {
-      // The working image already is the raw disk: verify it and rename it into place.
-      await this.verify(this.image.path, 'raw', plan);
+    if (driver.name === 'raw') return { result: Promise.resolve(undefined), cancel: async () => undefined };
+    const staging = join(dirname(s.dest), `${basename(workingPaths(s.dest).working, '.raw')}.${driver.name}`);
+    const stop = new AbortController();
+    if (s.signal?.aborted) stop.abort();
+    else s.signal?.addEventListener('abort', () => stop.abort(), { once: true, signal: stop.signal });
+    this.convertedBytes = 0;
+    const result = (async () => {
+      await rm(staging, { force: true });
+      await convertImage({
+        source: this.image.path,
+        sourceFormat: 'raw',
+        target: staging,
+        targetFormat: driver.name,
+        options: s.formatOptions,
+        compress: s.compress,
+        pipeline: {
+          signal: stop.signal,
+          onProgress: (p) => {
+            this.convertedBytes = p.done;
+            if (this.progress.phase === 'convert') this.update(p.done);
+          },
+        },
+      });
+      return staging;
+    })();
+    // Awaited (or cancelled) later; a failure meanwhile must not count as unhandled.
+    result.catch(() => undefined);
+    return {
+      result,
+      cancel: async () => {
+        stop.abort();
+        await result.catch(() => undefined);
+        await rm(staging, { force: true });
+      },
+    };
+  }
+
+  /** Waits for DEST's conversion, makes it durable and verifies it, and only then puts it in place. */
+  private async finishDestination(plan: CapturePlan, conversion: Conversion): Promise<void> {
+    const s = this.settings;
+    const format = findDriver(s.format).name;
+    if (format !== 'raw') {
+      this.enter('convert', this.progress.pass, this.source.size);
+      this.update(this.convertedBytes);
+    }
+    const staging = await conversion.result;
+    if (!staging) {
+      // The working image already is the raw disk: make it durable and verify it (at once: the one waits
+      // for the disk, the other for the CPU), then rename it into place.
+      await Promise.all([this.image.syncData(), this.verify(this.image.path, 'raw', plan)]);
       await rename(this.image.path, s.dest);
       return;
     }
-    const staging = join(dirname(s.dest), `${basename(workingPaths(s.dest).working, '.raw')}.${driver.name}`);
-    await rm(staging, { force: true });
-    this.enter('convert', this.progress.pass, this.source.size);
-    await convertImage({
-      source: this.image.path,
-      sourceFormat: 'raw',
-      target: staging,
-      targetFormat: driver.name,
-      options: s.formatOptions,
-      compress: s.compress,
-      durable: true,
-      pipeline: { signal: s.signal, onProgress: (p) => this.update(p.done) },
-    });
     try {
-      await this.verify(staging, driver.name, plan);
+      // DEST must be durable before the working image goes; its fsync runs while it is read back.
+      await Promise.all([syncFile(staging), this.verify(staging, format, plan)]);
       await rename(staging, s.dest);
     } catch (err) {
       await rm(staging, { force: true });
@@ -313,8 +400,14 @@ export class CaptureSession {
             this.throwIfCancelled();
             const [first, count] = runs[next++];
             const length = this.runBytes(first, count);
-            await disk.read(first * C, length, buffer);
-            const hashes = await hashChunks(buffer, length, C);
+            // Mapped from the page cache where the run is one stretch of the file, so it is hashed in place.
+            const { data, release } = await disk.readScanned(first * C, length, buffer, C);
+            let hashes: Buffer;
+            try {
+              hashes = await hashChunks(data, length, C);
+            } finally {
+              release();
+            }
             for (let j = 0; j < count; j++) {
               if (this.image.holds(first + j, hashes, j * HASH_SIZE)) continue;
               mismatches++;
@@ -358,6 +451,11 @@ export class CaptureSession {
     if (this.settings.signal?.aborted) throw new CancelledError('capture cancelled');
   }
 
+  /** How many chunks make `bytes` (at least one). */
+  private chunksPer(bytes: number): number {
+    return Math.max(1, Math.floor(bytes / this.settings.chunkSize));
+  }
+
   private runBytes(first: number, count: number): number {
     const C = this.settings.chunkSize;
     return Math.min((first + count) * C, this.source.size) - first * C;
@@ -384,6 +482,15 @@ export class CaptureSession {
     this.progress.bytesOnWire = c.bytesOnWire;
     this.progress.bytesWritten = this.image.bytesWritten;
     this.settings.onProgress?.({ ...this.progress });
+  }
+}
+
+async function syncFile(path: string): Promise<void> {
+  const handle = await open(path, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
   }
 }
 

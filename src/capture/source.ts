@@ -3,14 +3,13 @@
  * range. Sources differ in how they reach the agent (SSH today; a local file or an installed agent fit the
  * same interface); CaptureSession only talks to this.
  */
-import type { ChunkHash } from '../transfer/chunk-codec.js';
-
-export interface ReceivedChunk {
+/** A run of consecutive chunks as received: the unit a read delivers (one DATA frame). */
+export interface ReceivedRun {
   offset: number;
   length: number;
-  /** Hash of the chunk's bytes at the source, already checked against `data`. */
-  hash: ChunkHash;
-  /** The chunk's bytes, valid only until the callback's promise settles; undefined when all zero. */
+  /** The hash of each chunk's bytes at the source (8 bytes per chunk), already checked against `data`. */
+  hashes: Buffer;
+  /** The run's bytes, valid only until the callback's promise settles; undefined when all zero. */
   data: Buffer | undefined;
 }
 
@@ -31,12 +30,15 @@ export interface BlockSource {
   readonly parallelism: number;
   readonly counters: SourceCounters;
   /**
-   * Reads [offset, offset+length) in `chunkSize` chunks, in order. `onChunk` is awaited before the next chunk
-   * is taken, so a slow consumer slows the transfer instead of filling memory.
+   * Reads [offset, offset+length) in runs of whole `chunkSize` chunks, in order. `onRun` is awaited before the
+   * next run is taken, so a slow consumer slows the transfer instead of filling memory.
    */
-  read(offset: number, length: number, chunkSize: number, onChunk: (chunk: ReceivedChunk) => Promise<void>): Promise<void>;
-  /** The hash of each `chunkSize` chunk of [offset, offset+length): 8 bytes per chunk. */
-  hashes(offset: number, length: number, chunkSize: number): Promise<Buffer>;
+  read(offset: number, length: number, chunkSize: number, onRun: (run: ReceivedRun) => Promise<void>): Promise<void>;
+  /**
+   * Hashes of the `chunkSize` chunks of [offset, offset+length), 8 bytes each: one per chunk, or with `group`
+   * above 1 the run hash (chunk-codec runHash) of each `group` consecutive chunks, the last group possibly shorter.
+   */
+  hashes(offset: number, length: number, chunkSize: number, group?: number): Promise<Buffer>;
   /** Ranges that hold data; a block device reports its whole extent, a sparse file only where it stores data. */
   allocated(offset: number, length: number): Promise<Array<[number, number]>>;
   /** Small reads for partition tables and filesystem metadata. */

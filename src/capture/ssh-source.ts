@@ -7,7 +7,7 @@ import type { RateLimiter } from '../transfer/rate-limiter.js';
 import { AgentChannel } from './agent-channel.js';
 import { SourceConnectionError } from './errors.js';
 import { describeTarget, shellQuote, type SshConnection } from './ssh-connection.js';
-import type { BlockSource, ReceivedChunk, SourceCounters } from './source.js';
+import type { BlockSource, ReceivedRun, SourceCounters } from './source.js';
 
 /** Built by scripts/build-native.sh. */
 const AGENT_BINARY = join(PACKAGE_ROOT, 'native', 'build', 'ferry-agent');
@@ -49,55 +49,69 @@ export interface SshSourceOptions {
  * A block device (or file) on a machine reached over SSH. Ferry pushes its agent, starts one agent per
  * channel on the same connection (run as root through sudo when the user is not root), then deletes the
  * binary at once: the running processes keep it, and nothing is left on the source even if Ferry is killed.
+ *
+ * The first agent serves the plan and the first reads; the others start once it runs and join as they come
+ * up. Started side by side, they would all be late: each is a remote login shell reading its rc files. The
+ * first agent removes the binary once all run; any agent that exits earlier (a lost connection) removes it.
  */
 export class SshBlockSource implements BlockSource {
   private readonly wireBaseline: number;
+  /** An agent that failed to start after the first one ran: every later request fails with it. */
+  private lateFailure: Error | undefined;
 
   private constructor(
     private readonly conn: SshConnection,
     readonly device: string,
+    /** The agents running so far, the first one first; the rest are appended as they start. */
     private readonly channels: AgentChannel[],
+    /** Settles once every agent runs (or one failed) and the pushed binary is gone. */
+    private readonly starting: Promise<void>,
+    readonly parallelism: number,
     readonly size: number,
     readonly sectorSize: number,
     readonly blockDevice: boolean,
     private readonly level: number,
   ) {
     this.wireBaseline = conn.bytesReceived;
+    starting.catch((err: unknown) => (this.lateFailure ??= err instanceof Error ? err : new Error(String(err))));
   }
 
   static async open(conn: SshConnection, device: string, opts: SshSourceOptions): Promise<SshBlockSource> {
     const where = describeTarget(conn.target, device);
     const dir = await pushAgent(conn, where);
     const channels: AgentChannel[] = [];
-    let removed: Promise<unknown> | undefined;
-    try {
-      const started = await Promise.allSettled(
-        Array.from({ length: opts.channels }, async () => {
-          const ch = await conn.execChannel(`${shellQuote(`${dir}/ferry-agent`)} ${shellQuote(device)}`, { asRoot: true });
-          return AgentChannel.start({ output: ch, input: ch, errors: ch.stderr, where }, opts.limiter);
-        }),
-      );
-      // Every agent runs now: the binary can go, while the first request is under way.
-      removed = removeDirectory(conn, dir);
-      for (const s of started) if (s.status === 'fulfilled') channels.push(s.value);
-      const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+    const startAgent = async () => {
+      const ch = await conn.execChannel(`${shellQuote(`${dir}/ferry-agent`)} ${shellQuote(device)}`, { asRoot: true });
+      const agent = await AgentChannel.start({ output: ch, input: ch, errors: ch.stderr, where }, opts.limiter);
+      channels.push(agent);
+      return agent;
+    };
+    const first = startAgent();
+    const others = first.then(
+      () => Array.from({ length: opts.channels - 1 }, startAgent),
+      () => [],
+    );
+    // Once every agent runs, the first one removes the binary, without another remote shell.
+    const starting = others.then((rest) => Promise.allSettled([first, ...rest])).then(async (results) => {
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      const unlinked = !failed && (await channels[0].unlinkSelf().then(() => true, () => false));
+      if (!unlinked) await removeDirectory(conn, dir);
       if (failed) throw failed.reason;
-      const info = await channels[0].info();
-      return new SshBlockSource(conn, device, channels, info.size, info.sectorSize, info.blockDevice, opts.level);
+    });
+    // Handled by the source (or below); a failure must never go unobserved meanwhile.
+    starting.catch(() => undefined);
+    try {
+      const info = await (await first).info();
+      return new SshBlockSource(conn, device, channels, starting, opts.channels, info.size, info.sectorSize, info.blockDevice, opts.level);
     } catch (err) {
+      await starting.catch(() => undefined);
       for (const ch of channels) ch.close();
       throw err;
-    } finally {
-      await (removed ?? removeDirectory(conn, dir));
     }
   }
 
   get description(): string {
     return describeTarget(this.conn.target, this.device);
-  }
-
-  get parallelism(): number {
-    return this.channels.length;
   }
 
   get counters(): SourceCounters {
@@ -107,12 +121,12 @@ export class SshBlockSource implements BlockSource {
     };
   }
 
-  read(offset: number, length: number, chunkSize: number, onChunk: (chunk: ReceivedChunk) => Promise<void>): Promise<void> {
-    return this.leastBusy().read(offset, length, chunkSize, this.level, onChunk);
+  read(offset: number, length: number, chunkSize: number, onRun: (run: ReceivedRun) => Promise<void>): Promise<void> {
+    return this.leastBusy().read(offset, length, chunkSize, this.level, onRun);
   }
 
-  hashes(offset: number, length: number, chunkSize: number): Promise<Buffer> {
-    return this.leastBusy().hashes(offset, length, chunkSize);
+  hashes(offset: number, length: number, chunkSize: number, group = 1): Promise<Buffer> {
+    return this.leastBusy().hashes(offset, length, chunkSize, group);
   }
 
   allocated(offset: number, length: number): Promise<Array<[number, number]>> {
@@ -122,8 +136,8 @@ export class SshBlockSource implements BlockSource {
   async readBytes(offset: number, length: number): Promise<Buffer> {
     if (length > MAX_CHUNK) throw new RangeError(`readBytes: ${length} bytes is more than one request`);
     const out = Buffer.alloc(length);
-    await this.read(offset, length, Math.max(MIN_CHUNK, length), async (c) => {
-      c.data?.copy(out, c.offset - offset);
+    await this.read(offset, length, Math.max(MIN_CHUNK, length), async (run) => {
+      run.data?.copy(out, run.offset - offset);
     });
     return out;
   }
@@ -156,10 +170,12 @@ export class SshBlockSource implements BlockSource {
   }
 
   async close(): Promise<void> {
+    await this.starting.catch(() => undefined);
     for (const ch of this.channels) ch.close();
   }
 
   private leastBusy(): AgentChannel {
+    if (this.lateFailure) throw this.lateFailure;
     let best = this.channels[0];
     for (const ch of this.channels) if (ch.pending < best.pending) best = ch;
     return best;

@@ -6,11 +6,16 @@ import { InvalidOptionError } from '../errors.js';
 import { native } from '../native.js';
 import { hashChunks, HASH_SIZE, zeroChunkHash } from '../transfer/chunk-codec.js';
 import { Journal, type JournalMeta } from '../transfer/journal.js';
-import type { ReceivedChunk } from './source.js';
+import type { ReceivedRun } from './source.js';
 
-/** Checkpoint at least this often, so a crash re-sends at most this much. */
-const CHECKPOINT_INTERVAL_MS = 1000;
-const CHECKPOINT_BYTES = 64 * 1024 * 1024;
+/** Journal records reach the file (without fsync) this often: a killed Ferry or a lost connection re-sends at most this much. */
+const JOURNAL_FLUSH_MS = 250;
+/**
+ * Data and journal are fsynced together this often: what a crash of this machine can cost. The kernel writes
+ * dirty pages back after 30 s by default (vm.dirty_expire_centisecs), so syncing as often adds little disk
+ * work, while a capture that ends sooner never forces its working image to disk.
+ */
+const DURABLE_INTERVAL_MS = 30_000;
 const ZERO_SCAN = 4096;
 const VERIFY_BATCH = 16 * 1024 * 1024;
 const ZERO_WRITE_PIECE = 4 * 1024 * 1024;
@@ -36,12 +41,17 @@ export interface OpenedWorkingImage {
  * and even qcow2 would need rewrites of compressed clusters. The final format is made from it at the end
  * by the ordinary conversion pipeline.
  *
- * Invariant: a chunk the journal knows has exactly its recorded hash in the working file, once committed.
- * Writes happen first, the journal records them after the working file is fsynced.
+ * Invariant: a chunk the journal knows has exactly its recorded hash in the working file, unless this
+ * machine crashed before the data reached the disk. Records are appended only after their data was written,
+ * and every open rehashes the chunks the journal knows (verifyAgainstJournal), so a record the crash made
+ * untrue costs a refetch, never a wrong image. A checkpoint fsyncs the data before the journal: what it
+ * made durable is never fetched again.
  */
 export class WorkingImage {
-  private lastCheckpoint = performance.now();
-  private bytesSinceCheckpoint = 0;
+  private lastFlush = performance.now();
+  private lastDurable = performance.now();
+  /** Records were appended (or data written) since the last fsync. */
+  private unsynced = false;
   private checkpointing: Promise<void> = Promise.resolve();
   private checkpointRunning = false;
   /** A background checkpoint failed: the next store reports it. */
@@ -122,27 +132,36 @@ export class WorkingImage {
     return { image, start: destExists ? 'seeded' : 'fresh', knownBytes };
   }
 
-  /** Stores a received chunk: data runs written, zero runs punched out (they may hold an older pass's data). */
-  async store(index: number, chunk: ReceivedChunk): Promise<void> {
+  /**
+   * Stores a received run of chunks starting at chunk `first`: data written, zero ranges punched out (they
+   * may hold an older pass's data) unless every chunk of the run is known to be zero already.
+   */
+  async store(first: number, run: ReceivedRun): Promise<void> {
     if (this.checkpointFailure) throw this.checkpointFailure.error;
-    if (!chunk.data) {
-      await this.zero(chunk.offset, chunk.length);
+    const count = run.hashes.length / HASH_SIZE;
+    let mayHoldData = false;
+    for (let i = first; i < first + count && !mayHoldData; i++) mayHoldData = !this.knownZero[i];
+    if (!run.data) {
+      if (mayHoldData) await this.zero(run.offset, run.length);
     } else {
-      const { runs } = await native.scanZeroes(chunk.data, chunk.length, ZERO_SCAN);
+      const { runs } = await native.scanZeroes(run.data, run.length, ZERO_SCAN);
       const writes: Array<Promise<void>> = [];
       let at = 0;
       for (let i = 0; i < runs.length; i++) {
         const len = runs[i];
         if (len === 0) continue;
-        if (i % 2 === 0) writes.push(this.writeAll(chunk.data.subarray(at, at + len), chunk.offset + at));
-        else writes.push(this.zero(chunk.offset + at, len));
+        if (i % 2 === 0) writes.push(this.writeAll(run.data.subarray(at, at + len), run.offset + at));
+        else if (mayHoldData) writes.push(this.zero(run.offset + at, len));
         at += len;
       }
       await Promise.all(writes);
     }
-    this.bytesWritten += chunk.length;
-    this.bytesSinceCheckpoint += chunk.length;
-    this.journal.stage(index, chunk.hash);
+    this.bytesWritten += run.length;
+    this.unsynced = true;
+    for (let j = 0; j < count; j++) {
+      this.knownZero[first + j] = run.data ? 0 : 1;
+      this.journal.stage(first + j, run.hashes.subarray(j * HASH_SIZE, (j + 1) * HASH_SIZE));
+    }
     this.maybeCheckpoint();
   }
 
@@ -150,9 +169,10 @@ export class WorkingImage {
   async clear(first: number, count: number): Promise<void> {
     const offset = first * this.chunkSize;
     await this.zero(offset, Math.min((first + count) * this.chunkSize, this.size) - offset);
+    this.unsynced = true;
     for (let i = first; i < first + count; i++) {
       if (this.journal.has(i)) this.journal.stage(i, zeroChunkHash(this.chunkLength(i)));
-      else this.knownZero[i] = 1;
+      this.knownZero[i] = 1;
     }
   }
 
@@ -169,26 +189,48 @@ export class WorkingImage {
   }
 
   /**
-   * Starts a checkpoint in the background when enough time or data has passed since the last one, so a
-   * kill loses little. Writes go on meanwhile: the fsync waits for the disk, the transfer need not.
+   * Starts a journal flush or a checkpoint in the background when one is due. Writes go on meanwhile: the
+   * fsync waits for the disk, the transfer need not.
    */
   private maybeCheckpoint(): void {
     if (this.checkpointRunning) return;
-    if (performance.now() - this.lastCheckpoint < CHECKPOINT_INTERVAL_MS && this.bytesSinceCheckpoint < CHECKPOINT_BYTES) return;
-    this.checkpoint().catch((error: unknown) => (this.checkpointFailure ??= { error }));
+    const now = performance.now();
+    const due = now - this.lastDurable >= DURABLE_INTERVAL_MS ? this.checkpoint() : now - this.lastFlush >= JOURNAL_FLUSH_MS ? this.flush() : undefined;
+    due?.catch((error: unknown) => (this.checkpointFailure ??= { error }));
   }
 
-  /** Makes everything stored so far durable: fsync the data, then commit the journal records for it. */
+  /** Appends the records staged so far to the journal without fsync: enough for a rerun after Ferry or the connection died. */
+  async flush(): Promise<void> {
+    if (this.checkpointFailure) throw this.checkpointFailure.error;
+    if (!this.journal.stagedCount) return;
+    return this.serialized(async () => {
+      this.lastFlush = performance.now();
+      await this.journal.append(this.journal.takeStaged());
+    });
+  }
+
+  /** Makes everything stored so far durable: fsync the data, then append the journal records for it and fsync them. */
   checkpoint(): Promise<void> {
+    return this.serialized(async () => {
+      this.lastFlush = this.lastDurable = performance.now();
+      const records = this.journal.takeStaged();
+      if (!records.length && !this.unsynced) return;
+      this.unsynced = false;
+      await this.handle.datasync();
+      await this.journal.commit(records);
+    });
+  }
+
+  /** Makes the working file itself durable (it becomes a raw DEST); the journal is about to go. */
+  async syncData(): Promise<void> {
+    await this.handle.datasync();
+  }
+
+  private serialized(step: () => Promise<void>): Promise<void> {
     const run = this.checkpointing.then(async () => {
       this.checkpointRunning = true;
       try {
-        this.lastCheckpoint = performance.now();
-        this.bytesSinceCheckpoint = 0;
-        const records = this.journal.takeStaged();
-        if (!records.length) return;
-        await this.handle.datasync();
-        await this.journal.commit(records);
+        await step();
       } finally {
         this.checkpointRunning = false;
       }

@@ -27,16 +27,43 @@ export async function hashChunks(data: Buffer, length: number, chunkSize: number
 }
 
 /**
- * Turns a DATA frame's payload into the chunk's bytes (decompressing into `scratch`) and checks the hash
- * the agent computed before sending: corruption anywhere between the source's read and this point is an
- * error, never a bad image. Returns undefined for an all-zero chunk.
+ * The run hash of consecutive chunks, from their hashes (8 bytes each): a chunk's own hash for a run of one,
+ * else the XXH64 of the hashes. DATA frames and grouped HASH replies carry it, so one field checks a run.
  */
-export async function decodeDataFrame(header: FrameHeader, payload: Buffer, scratch: Buffer, source: string): Promise<Buffer | undefined> {
+export function runHash(hashes: Buffer): ChunkHash {
+  if (hashes.length === HASH_SIZE) return Buffer.from(hashes);
+  const h = Buffer.allocUnsafe(HASH_SIZE);
+  h.writeBigUInt64LE(native.xxh64(hashes));
+  return h;
+}
+
+/** The hashes of the `chunkSize` chunks of `length` zero bytes (the last one possibly shorter). */
+export function zeroChunkHashes(length: number, chunkSize: number): Buffer {
+  const count = Math.ceil(length / chunkSize);
+  const out = Buffer.allocUnsafe(count * HASH_SIZE);
+  for (let i = 0; i < count; i++) zeroChunkHash(Math.min(chunkSize, length - i * chunkSize)).copy(out, i * HASH_SIZE);
+  return out;
+}
+
+export interface DecodedRun {
+  /** The run's bytes (in `scratch` when decompressed, else the payload); undefined when all zero. */
+  data: Buffer | undefined;
+  /** The hash of each chunk of the run, 8 bytes each. */
+  hashes: Buffer;
+}
+
+/**
+ * Turns a DATA frame's payload into its chunks' bytes (decompressing into `scratch`) and hashes, and checks
+ * them against the run hash the agent computed before sending: corruption anywhere between the source's
+ * read and this point is an error, never a bad image.
+ */
+export async function decodeDataFrame(header: FrameHeader, payload: Buffer, chunkSize: number, scratch: Buffer, source: string): Promise<DecodedRun> {
   if (header.flags & DataFlag.Zero) {
-    if (!header.hash.equals(zeroChunkHash(header.length))) {
-      throw new ProtocolError(`${source}: zero chunk at ${header.offset} carries the hash of non-zero data`, { field: 'hash' });
+    const hashes = zeroChunkHashes(header.length, chunkSize);
+    if (!runHash(hashes).equals(header.hash)) {
+      throw new ProtocolError(`${source}: zero data at ${header.offset} carries the hash of non-zero data`, { field: 'hash' });
     }
-    return undefined;
+    return { data: undefined, hashes };
   }
   let data = payload;
   if (header.flags & DataFlag.Zstd) {
@@ -44,10 +71,10 @@ export async function decodeDataFrame(header: FrameHeader, payload: Buffer, scra
     try {
       await native.decompressBlocks(Codec.Zstd, payload, new Float64Array([0, payload.length, 0]), data, header.length);
     } catch (err) {
-      throw new ProtocolError(`${source}: chunk at ${header.offset} does not decompress`, { field: 'payload', cause: err });
+      throw new ProtocolError(`${source}: data at ${header.offset} does not decompress`, { field: 'payload', cause: err });
     }
   }
-  const hash = await hashChunks(data, header.length, header.length);
-  if (!hash.equals(header.hash)) throw new ProtocolError(`${source}: chunk at ${header.offset} does not match its hash`, { field: 'hash' });
-  return data;
+  const hashes = await hashChunks(data, header.length, chunkSize);
+  if (!runHash(hashes).equals(header.hash)) throw new ProtocolError(`${source}: data at ${header.offset} does not match its hash`, { field: 'hash' });
+  return { data, hashes };
 }

@@ -10,10 +10,15 @@ export interface Frame {
  * Pulls whole frames off a byte stream. It reads only as fast as frames are consumed, so a slow writer
  * (or the rate limiter) stalls the stream, and SSH flow control stalls the agent: memory stays at the
  * stream's buffer plus one frame, and a frame is never larger than checkPayloadLength allows.
+ *
+ * A frame's payload is valid until the next call of `next`: a payload split across stream pieces is
+ * joined in one buffer the reader reuses, since allocating a frame's worth (up to 4 MiB) per frame keeps
+ * the garbage collector busy for nothing.
  */
 export class FrameReader {
   private readonly pieces: Buffer[] = [];
   private buffered = 0;
+  private joined = Buffer.alloc(0);
   private readonly source: AsyncIterator<Buffer>;
 
   constructor(
@@ -26,10 +31,10 @@ export class FrameReader {
   /** The next frame, or undefined when the stream ended cleanly between frames. */
   async next(): Promise<Frame | undefined> {
     if (!(await this.fill(HEADER_SIZE, true))) return undefined;
-    const header = decodeHeader(this.take(HEADER_SIZE));
+    const header = decodeHeader(this.take(HEADER_SIZE, false));
     checkPayloadLength(header);
     await this.fill(header.payloadLength, false);
-    return { header, payload: this.take(header.payloadLength) };
+    return { header, payload: this.take(header.payloadLength, true) };
   }
 
   private async fill(n: number, endAllowed: boolean): Promise<boolean> {
@@ -46,7 +51,8 @@ export class FrameReader {
     return true;
   }
 
-  private take(n: number): Buffer {
+  /** The next n bytes; `reuse`: joined (when split) in the reused buffer instead of a new one. */
+  private take(n: number, reuse: boolean): Buffer {
     if (n === 0) return Buffer.alloc(0);
     const first = this.pieces[0];
     if (first.length >= n) {
@@ -57,7 +63,8 @@ export class FrameReader {
       this.buffered -= n;
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    if (reuse && this.joined.length < n) this.joined = Buffer.allocUnsafe(n);
+    const out = reuse ? this.joined.subarray(0, n) : Buffer.allocUnsafe(n);
     let at = 0;
     while (at < n) {
       const piece = this.pieces[0];

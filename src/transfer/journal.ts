@@ -27,8 +27,10 @@ const COMPACT_FACTOR = 4;
  * checkpoint costs one small append and one fdatasync whatever the disk size; a record torn by a crash
  * fails its CRC and is dropped with everything after it.
  *
- * Durability is the caller's half of the contract: `stage` records in memory, `commit` appends what was
- * staged. Commit only after the data those records describe is fsynced, and a record then never claims
+ * Durability is the caller's half of the contract: `stage` records in memory, `append` writes what was
+ * staged (surviving the process, not a crash of the machine), `commit` also fsyncs. Append records only
+ * after their data was written; a record whose data a machine crash lost must be caught by rehashing the
+ * data on open (the working image does), and records committed after the data was fsynced never claim
  * more than the disk holds.
  */
 export class Journal {
@@ -135,6 +137,11 @@ export class Journal {
     this.staged.push(encodeRecord(index, RecordState.Forgotten, Buffer.alloc(HASH_SIZE)));
   }
 
+  /** Records staged and not yet taken. */
+  get stagedCount(): number {
+    return this.staged.length;
+  }
+
   /** Takes what was staged so far, for a commit once the data it describes is durable. */
   takeStaged(): Buffer[] {
     const out = this.staged;
@@ -142,14 +149,19 @@ export class Journal {
     return out;
   }
 
-  /** Appends records (from takeStaged) and makes them durable. */
-  async commit(records: Buffer[]): Promise<void> {
+  /** Appends records (from takeStaged) to the file, without fsync. */
+  async append(records: Buffer[]): Promise<void> {
     if (!records.length) return;
     const data = Buffer.concat(records);
     let done = 0;
     while (done < data.length) done += (await this.handle.write(data, done, data.length - done, this.end + done)).bytesWritten;
     this.end += data.length;
     this.records += records.length;
+  }
+
+  /** Appends records and makes everything appended so far durable. */
+  async commit(records: Buffer[]): Promise<void> {
+    await this.append(records);
     await this.handle.datasync();
   }
 

@@ -5,14 +5,16 @@
  */
 import { FerryError } from '../errors.js';
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 /** "FERRYAG1" as a little-endian u64: the HELLO frame's hash field, so a stray shell banner is not taken for an agent. */
 export const AGENT_MAGIC = 0x3147415952524546n;
 export const HEADER_SIZE = 32;
 
-/** The agent refuses chunks outside this range; Ferry never asks for more. */
+/** The agent refuses chunks outside this range; Ferry never asks for more. A DATA frame carries at most MAX_CHUNK bytes. */
 export const MIN_CHUNK = 512;
 export const MAX_CHUNK = 4 * 1024 * 1024;
+/** HASH: the most chunks one hash may stand for (a frame's worth of the smallest chunks). */
+export const MAX_HASH_GROUP = MAX_CHUNK / MIN_CHUNK;
 const MAX_HASHES_PER_FRAME = 65536;
 const MAX_SEGMENTS_PER_FRAME = 4096;
 const MAX_ERROR_TEXT = 4096;
@@ -27,6 +29,8 @@ export const enum Op {
   Segments = 4,
   Freeze = 5,
   Thaw = 6,
+  /** Remove the pushed binary the agent runs from, and its directory, once every agent runs. */
+  UnlinkSelf = 7,
 }
 
 export const enum FrameType {
@@ -39,6 +43,7 @@ export const enum FrameType {
   Error = 7,
   Frozen = 8,
   Thawed = 9,
+  Unlinked = 10,
 }
 
 export const enum DataFlag {
@@ -54,7 +59,8 @@ export interface Request {
   chunk?: number;
   offset?: number;
   length?: number;
-  level?: number;
+  /** READ: the zstd level (0: plain); HASH: chunks per hash. */
+  arg?: number;
   extra?: Buffer;
 }
 
@@ -63,10 +69,18 @@ export interface FrameHeader {
   flags: number;
   payloadLength: number;
   offset: number;
-  /** DATA: the chunk's length; HASHES/SEGMENTS: the number of entries. */
+  /** DATA: the bytes of the run of chunks it carries; HASHES/SEGMENTS: the number of entries. */
   length: number;
-  /** 8 little-endian bytes (a view into the header; copy to keep). */
+  /** 8 little-endian bytes (a view into the header; copy to keep). DATA: the run hash of its chunks. */
   hash: Buffer;
+}
+
+/**
+ * How many chunks a DATA frame carries (the agent fills each frame with as many as fit in MAX_CHUNK bytes),
+ * so Ferry knows where every frame of a READ must start and end.
+ */
+export function chunksPerFrame(chunkSize: number): number {
+  return chunkSize >= MAX_CHUNK ? 1 : Math.floor(MAX_CHUNK / chunkSize);
 }
 
 /** The agent broke the protocol: bad lengths, frames out of order, a hash that does not match its data. */
@@ -87,7 +101,7 @@ export function encodeRequest(req: Request): Buffer {
   b.writeUInt32LE(req.chunk ?? 0, 4);
   b.writeBigUInt64LE(BigInt(req.offset ?? 0), 8);
   b.writeBigUInt64LE(BigInt(req.length ?? 0), 16);
-  b.writeInt32LE(req.level ?? 0, 24);
+  b.writeInt32LE(req.arg ?? 0, 24);
   b.writeUInt32LE(extra.length, 28);
   extra.copy(b, HEADER_SIZE);
   return b;
@@ -118,8 +132,8 @@ export function checkPayloadLength(h: FrameHeader): void {
       if (h.flags & DataFlag.Zero) {
         if (h.payloadLength !== 0) throw bad('zero chunk with a payload');
       } else if (h.flags & DataFlag.Zstd) {
-        if (h.payloadLength === 0 || h.payloadLength >= h.length) throw bad(`compressed payload of ${h.payloadLength} bytes for a ${h.length}-byte chunk`);
-      } else if (h.payloadLength !== h.length) throw bad(`plain payload of ${h.payloadLength} bytes for a ${h.length}-byte chunk`);
+        if (h.payloadLength === 0 || h.payloadLength >= h.length) throw bad(`compressed payload of ${h.payloadLength} bytes for ${h.length} bytes of data`);
+      } else if (h.payloadLength !== h.length) throw bad(`plain payload of ${h.payloadLength} bytes for ${h.length} bytes of data`);
       return;
     case FrameType.Hashes:
       if (h.length === 0 || h.length > MAX_HASHES_PER_FRAME || h.payloadLength !== h.length * 8) throw bad(`${h.length} hashes in ${h.payloadLength} bytes`);
@@ -137,6 +151,7 @@ export function checkPayloadLength(h: FrameHeader): void {
     case FrameType.End:
     case FrameType.Frozen:
     case FrameType.Thawed:
+    case FrameType.Unlinked:
       if (h.payloadLength !== 0) throw bad('unexpected payload');
       return;
     default:

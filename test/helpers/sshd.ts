@@ -16,6 +16,11 @@ export interface TestSshd {
   knownHosts: string;
   /** The host key's SHA256 fingerprint, as ssh-keygen -l prints it. */
   fingerprint: string;
+  /**
+   * TMPDIR of this server's sessions, where Ferry pushes its agent: private to the server, so a test can
+   * check that nothing was left behind without seeing other tests' captures under way.
+   */
+  tmpDir: string;
   stop(): Promise<void>;
 }
 
@@ -47,6 +52,8 @@ export async function startSshd(): Promise<TestSshd> {
   // sshd refuses to start without its privilege separation directory.
   await mkdir('/run/sshd', { recursive: true, mode: 0o755 });
   const port = await freePort();
+  const tmpDir = join(dir, 'tmp');
+  await mkdir(tmpDir, { mode: 0o1777 });
   const config = join(dir, 'sshd_config');
   await writeFile(
     config,
@@ -61,6 +68,7 @@ export async function startSshd(): Promise<TestSshd> {
       'PasswordAuthentication no',
       'KbdInteractiveAuthentication no',
       'MaxSessions 20',
+      `SetEnv TMPDIR=${tmpDir}`,
       'LogLevel ERROR',
     ].join('\n') + '\n',
   );
@@ -79,6 +87,7 @@ export async function startSshd(): Promise<TestSshd> {
     userKey,
     knownHosts,
     fingerprint,
+    tmpDir,
     async stop() {
       if (child.exitCode === null) {
         child.kill('SIGTERM');

@@ -1,8 +1,9 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { copyFile, readdir, readFile, writeFile } from 'node:fs/promises';
+import { copyFile, readdir, readFile, readlink, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { imagesIdentical, tempDir } from './helpers/env.js';
+import { copyGuest, debianGuestImage } from './helpers/debian-guest.js';
+import { imagesIdentical, qemuImg, tempDir } from './helpers/env.js';
 import { makePatternedRaw } from './helpers/fixtures.js';
 import { startRedis, type RedisServer } from './helpers/redis.js';
 import { isFinished, startService, startWorker, watchJob, type FerryProcess, type JobView, type Service } from './helpers/service.js';
@@ -77,6 +78,23 @@ async function finish(on: Service, id: string): Promise<{ job: JobView; log: str
 /** The private key's body lines: any of them in a record, a log or the output is a leak. */
 function secretLines(key: string): string[] {
   return key.split('\n').filter((l) => l.length > 20 && !l.startsWith('-----'));
+}
+
+/** The stages a job went through, in order, from the records its events stream delivered. */
+function stagesOf(seen: JobView[]): string[] {
+  return seen.map((j) => j.stage).filter((stage, i, all): stage is string => stage !== null && stage !== all[i - 1]);
+}
+
+/** Processes that have `path` open or on their command line (QEMU's -drive, guestfish): none once a job is over. */
+async function processesUsing(path: string): Promise<string[]> {
+  const users: string[] = [];
+  for (const pid of (await readdir('/proc')).filter((n) => /^\d+$/.test(n))) {
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+    const open = await Promise.all(fds.map((fd) => readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')));
+    if (cmdline.includes(path) || open.some((target) => target.startsWith(path))) users.push(`${pid}: ${cmdline.replaceAll('\0', ' ').slice(0, 200)}`);
+  }
+  return users;
 }
 
 /** A well-formed SHA256 fingerprint that is not the server's. */
@@ -188,11 +206,88 @@ describe('capture jobs (embedded queue)', () => {
     }
   });
 
-  test('refuse injectDrivers, a missing host key policy and unusable paths when submitted', async () => {
+  test('P2V with driver injection: a Debian guest captured over SSH, converted to qcow2 and made to boot on KVM', async () => {
+    const guest = await copyGuest(await debianGuestImage(), sources.dir, 'debian.raw');
+    const id = await submit(service, captureRequest({ device: guest, target: 'debian.qcow2', extra: { injectDrivers: { target: 'kvm' } } }));
+    const { job, log, seen } = await finish(service, id);
+    expect(job.state, log).toBe('completed');
+    expect(stagesOf(seen)).toEqual(['capture', 'convert', 'inject']);
+    expect(job.stage).toBe('inject');
+    expect(job.attempts).toBe(3);
+    expect(job.progress.total).toBeGreaterThan(0);
+    expect(job.progress.done).toBe(job.progress.total);
+
+    const result = job.result as {
+      format: string;
+      images: Array<{ path: string; start: string }>;
+      injection: {
+        target: string;
+        images: Array<{ path: string; reportPath: string; os: { type: string }; changes: Array<{ kind: string; path?: string; after?: string; command?: string }>; verification: Array<{ ok: boolean }> }>;
+      };
+    };
+    expect(result.format).toBe('qcow2');
+    expect(result.images).toMatchObject([{ path: 'debian.qcow2', start: 'fresh' }]);
+    expect(result.injection.target).toBe('kvm');
+    const [injected] = result.injection.images;
+    expect(injected).toMatchObject({ path: 'debian.qcow2', reportPath: 'debian.qcow2.ferry-inject.json', os: { type: 'linux' } });
+    expect(injected.verification.length).toBeGreaterThan(0);
+    expect(injected.verification.every((v) => v.ok)).toBe(true);
+    expect(injected.changes.find((c) => c.path === '/etc/initramfs-tools/modules')?.after).toContain('virtio_blk\n');
+    expect(injected.changes).toContainEqual(expect.objectContaining({ kind: 'guest.command', command: 'dpkg --purge open-vm-tools' }));
+    // The report beside the image is the one in the result.
+    const stored = JSON.parse(await readFile(join(data.dir, 'debian.qcow2.ferry-inject.json'), 'utf8')) as { changes: unknown[] };
+    expect(stored.changes).toEqual(injected.changes);
+
+    expect(log).toMatch(/capturing .* into raw \.debian\.qcow2\.ferry-captured\.raw/);
+    expect(log).toMatch(/converting \.debian\.qcow2\.ferry-captured\.raw to qcow2 debian\.qcow2/);
+    expect(log).toMatch(/inject: attempt 1 of 3/);
+    expect(log).toMatch(/debian\.qcow2: linux .*\(x86_64\): \d+ change\(s\) for kvm/);
+    expect(log).toMatch(/ {2}edit \/etc\/fstab: /);
+    expect(log).toMatch(/ {2}verified: /);
+    // The raw capture and its resume files are gone; the image is a sound qcow2 of the guest's size.
+    expect((await readdir(data.dir)).filter((n) => n.includes('debian')).sort()).toEqual(['debian.qcow2', 'debian.qcow2.ferry-inject.json']);
+    const info = JSON.parse(await qemuImg('info', '--output=json', join(data.dir, 'debian.qcow2'))) as { format: string; 'virtual-size': number };
+    expect(info.format).toBe('qcow2');
+    expect(info['virtual-size']).toBe((await stat(guest)).size);
+    await qemuImg('check', join(data.dir, 'debian.qcow2'));
+  }, 1_200_000);
+
+  test('a captured disk without an operating system fails the inject stage with a typed error and is removed', async () => {
+    const source = await makePatternedRaw(sources.dir, 'no-os.raw');
+    const id = await submit(service, captureRequest({ device: source, target: 'no-os.qcow2', extra: { injectDrivers: { target: 'hyperv' } } }));
+    const { job, log, seen } = await finish(service, id);
+    expect(job.state, log).toBe('failed');
+    expect(stagesOf(seen)).toEqual(['capture', 'convert', 'inject']);
+    expect(job.error).toEqual({ type: 'GUEST_NOT_FIXABLE', message: 'no-os.qcow2: no operating system found on the disk' });
+    expect(log).toMatch(/inject: failed: no-os\.qcow2: no operating system found on the disk/);
+    expect(log).toContain('removed no-os.qcow2: not made bootable on hyperv');
+    expect((await readdir(data.dir)).filter((n) => n.includes('no-os'))).toEqual([]);
+  }, 300_000);
+
+  test('cancelling during the inject stage stops libguestfs and removes the image', async () => {
+    const source = await makePatternedRaw(sources.dir, 'cancel-inject.raw');
+    const id = await submit(service, captureRequest({ device: source, target: 'cancel-inject.qcow2', extra: { injectDrivers: { target: 'kvm' } } }));
+    const injecting = await watchJob(service, id, (j) => j.stage === 'inject' || isFinished(j));
+    expect(injecting[injecting.length - 1].state).toBe('running');
+    expect((await service.request(`/v1/jobs/${id}`, { method: 'DELETE' })).status).toBe(200);
+    const { job, log } = await finish(service, id);
+    expect(job.state, log).toBe('cancelled');
+    expect(log).toMatch(/inject: cancelled/);
+    expect((await readdir(data.dir)).filter((n) => n.includes('cancel-inject'))).toEqual([]);
+    // The injection's process group (guestfish, the appliance's QEMU) was killed with the job.
+    expect(await processesUsing(join(data.dir, 'cancel-inject.qcow2'))).toEqual([]);
+  }, 300_000);
+
+  test('refuse a bad hypervisor or drivers path, a missing host key policy and unusable paths when submitted', async () => {
     const source = join(sources.dir, 'never-read.raw');
     await writeFile(join(data.dir, 'exists.qcow2'), '');
+    const inject = (injectDrivers: unknown) => captureRequest({ device: source, target: 'x.qcow2', extra: { injectDrivers } });
     const cases: Array<[unknown, number, RegExp, string?]> = [
-      [captureRequest({ device: source, target: 'x.qcow2', extra: { injectDrivers: true } }), 501, /driver injection needs the drivers module/, 'injectDrivers'],
+      [inject({ target: 'virtualbox' }), 400, /^body\.injectDrivers\.target: must be one of kvm, hyperv, vmware, xen, aws, azure$/],
+      [inject({ target: 'kvm', drivers: '../virtio-win' }), 400, /injectDrivers\.drivers '\.\.\/virtio-win' leaves the data dir/, 'injectDrivers.drivers'],
+      [inject({ target: 'kvm', drivers: '/srv/virtio-win' }), 400, /injectDrivers\.drivers '\/srv\/virtio-win' is absolute/, 'injectDrivers.drivers'],
+      [inject({ target: 'kvm', drivers: 'no-such-folder' }), 422, /injectDrivers\.drivers 'no-such-folder' is not in the data dir/, 'injectDrivers.drivers'],
+      [inject(true), 400, /body\.injectDrivers: must be object/],
       [{ ...captureRequest({ device: source, target: 'x.qcow2' }), source: { host: '127.0.0.1', user: 'root', credential, disk: source } }, 400, /missing required field 'hostKey'.*'knownHosts'/],
       [captureRequest({ device: source, target: 'x.qcow2', hostKey: 'SHA256:short' }), 400, /body\.source\.hostKey: must match pattern/],
       [captureRequest({ device: 'sda', target: 'x.qcow2' }), 400, /body\.source\.disk: must match pattern/],
@@ -209,10 +304,11 @@ describe('capture jobs (embedded queue)', () => {
       expect(problem.detail, JSON.stringify(body)).toMatch(detail);
       if (field) expect(problem.field).toBe(field);
     }
-    // The OpenAPI document describes the host key policy and the option that is refused for now.
+    // The OpenAPI document describes the host key policy and the injection flow with its targets.
     const openapi = JSON.stringify(await (await service.request('/openapi.json')).json());
     expect(openapi).toContain('"oneOf":[{"required":["hostKey"]},{"required":["knownHosts"]}]');
-    expect(openapi).toMatch(/injectDrivers.*true is refused with 501/);
+    expect(openapi).toMatch(/injectDrivers.*capture → convert → inject/);
+    expect(openapi).toContain('kvm, hyperv, vmware, xen, aws, azure');
   });
 });
 
@@ -246,4 +342,16 @@ describe('capture jobs (Redis queue, a separate worker process)', () => {
     expect(await imagesIdentical(source, join(dir.dir, 'redis.vmdk'))).toBe(true);
     for (const line of secretLines(privateKey)) expect(worker.output() + api.output() + log).not.toContain(line);
   });
+
+  test('a P2V flow with driver injection runs its stages on the worker; a typed failure ends it', async () => {
+    const source = await makePatternedRaw(sources.dir, 'redis-no-os.raw');
+    const id = await submit(api, captureRequest({ device: source, target: 'redis-no-os.qcow2', extra: { injectDrivers: { target: 'xen' } } }, await storeKey(api, privateKey)));
+    const { job, log, seen } = await finish(api, id);
+    expect(job.state, log).toBe('failed');
+    expect(stagesOf(seen)).toEqual(['capture', 'convert', 'inject']);
+    expect(job.worker).toMatch(new RegExp(`:${worker.pid}$`));
+    expect(job.error?.type).toBe('GUEST_NOT_FIXABLE');
+    expect(log).not.toMatch(/will retry|did not finish/);
+    expect((await readdir(dir.dir)).filter((n) => n.includes('redis-no-os'))).toEqual([]);
+  }, 300_000);
 });

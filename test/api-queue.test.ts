@@ -33,6 +33,42 @@ function scriptedHandler(failures: Error[]): RunnableJobHandler & { calls: numbe
   return handler;
 }
 
+/** A job type whose stage runs until the test lets it end (or the job is aborted), counting overlaps. */
+function gatedHandler(): RunnableJobHandler & { started: string[]; mostAtOnce: number; finish(jobId: string): void } {
+  const gates = new Map<string, () => void>();
+  let running = 0;
+  const handler = {
+    type: 'gated',
+    summary: 'test',
+    schema: Type.Object({ type: Type.Literal('gated') }),
+    started: [] as string[],
+    mostAtOnce: 0,
+    finish: (jobId: string) => gates.get(jobId)!(),
+    async check() {},
+    stages: [
+      {
+        name: 'work',
+        outputs: () => [],
+        run: async ({ spec, signal }: { spec: { id?: string }; signal: AbortSignal }) => {
+          const id = spec.id!;
+          handler.started.push(id);
+          handler.mostAtOnce = Math.max(handler.mostAtOnce, ++running);
+          try {
+            await new Promise<void>((resolve, reject) => {
+              gates.set(id, resolve);
+              signal.addEventListener('abort', () => reject(new Error('aborted')), { once: true });
+            });
+          } finally {
+            running--;
+          }
+          return { id };
+        },
+      },
+    ],
+  };
+  return handler as unknown as RunnableJobHandler & { started: string[]; mostAtOnce: number; finish(jobId: string): void };
+}
+
 function systemError(code: string): Error {
   return Object.assign(new Error(`${code}: simulated`), { code });
 }
@@ -45,7 +81,7 @@ describe('embedded queue: retries and failures', () => {
 
   beforeEach(async () => {
     ({ dir, cleanup } = await tempDir('ferry-queue-'));
-    store = await FileJobStore.open(join(dir, 'jobs'));
+    store = await FileJobStore.open(join(dir, 'jobs'), logger);
   });
   afterEach(async () => {
     await store.close();
@@ -82,7 +118,7 @@ describe('embedded queue: retries and failures', () => {
   test('a corrupt image or a missing file fails at once', async () => {
     for (const error of [new CorruptImageError('l1_size is out of range', { file: join(dir, 'disk.qcow2') }), systemError('ENOENT')]) {
       await store.close();
-      store = await FileJobStore.open(join(dir, `jobs-${error.name}-${(error as { code?: string }).code}`));
+      store = await FileJobStore.open(join(dir, `jobs-${error.name}-${(error as { code?: string }).code}`), logger);
       const handler = scriptedHandler([error]);
       const job = await runToEnd(handler);
       expect(job.state).toBe('failed');
@@ -97,8 +133,38 @@ describe('embedded queue: retries and failures', () => {
     await store.update(record.id, { state: 'cancelled' });
     expect(await store.update(record.id, { state: 'completed' })).toBeUndefined();
     await store.close();
-    store = await FileJobStore.open(join(dir, 'jobs'));
+    store = await FileJobStore.open(join(dir, 'jobs'), logger);
     expect(await store.get('kept')).toMatchObject({ state: 'cancelled', progress: { done: 1, total: 2 } });
     expect((await store.findByIdempotencyKey('k'))?.record.id).toBe('kept');
+  });
+
+  test('one slot: the next job waits prepared and starts when the running work ends; a shutdown gives it back', async () => {
+    const handler = gatedHandler();
+    const queue = await EmbeddedQueue.open(store, new StageRunner(store, dir, logger, () => handler), logger);
+    const changes: JobRecord[] = [];
+    store.subscribe((r) => changes.push(r));
+    const until = (test: () => boolean) =>
+      new Promise<void>((resolve) => {
+        const check = () => (test() ? resolve() : setImmediate(check));
+        check();
+      });
+    for (const id of ['a', 'b', 'c']) await queue.enqueue((await store.create(newJobRecord(id, { type: 'gated', id }))).record);
+    await queue.startWorker(1);
+    await until(() => handler.started.length === 1);
+    handler.finish('a');
+    // b starts as a's work ends, while a's record may still be on its way to 'completed'.
+    await until(() => handler.started.length === 2 && changes.some((r) => r.id === 'a' && r.state === 'completed'));
+    expect(handler.started).toEqual(['a', 'b']);
+    expect(handler.mostAtOnce).toBe(1);
+    const a = (await store.get('a'))!;
+    const b = (await store.get('b'))!;
+    expect(a.state).toBe('completed');
+    expect(Date.parse(b.startedAt!)).toBeGreaterThanOrEqual(Date.parse(a.finishedAt!));
+    // c is the job prepared ahead; b holds the slot until the grace period ends.
+    await queue.close(50);
+    expect(handler.started).toEqual(['a', 'b']);
+    expect((await store.get('b'))!.state).toBe('queued');
+    expect((await store.get('c'))!).toMatchObject({ state: 'queued', attempts: 0, startedAt: null });
+    expect(changes.filter((r) => r.id === 'c')).toEqual([expect.objectContaining({ state: 'queued' })]);
   });
 });

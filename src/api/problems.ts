@@ -31,7 +31,6 @@ const PROBLEM_KINDS: Record<string, { status: number; title: string }> = {
   UNSUPPORTED_FEATURE: { status: 422, title: 'Unsupported feature' },
   UNSAFE_REFERENCE: { status: 422, title: 'Unsafe reference' },
   JOB_TYPE_UNAVAILABLE: { status: 501, title: 'Job type not available' },
-  FEATURE_UNAVAILABLE: { status: 501, title: 'Not available in this build' },
 };
 
 export function problem(code: string, detail: string, field?: string): Problem {

@@ -47,6 +47,8 @@ export function formatValidationErrors(errors: FastifySchemaValidationError[], d
     if (e.keyword === 'boolean') continue;
     if (e.keyword === 'additionalProperties') {
       for (const name of params.additionalProperties as string[]) lines.add(`${at}: unknown field '${name}'`);
+    } else if (e.keyword === 'enum') {
+      lines.add(`${at}: must be one of ${(params.allowedValues as unknown[]).join(', ')}`);
     } else if (e.keyword === 'required') {
       lines.add(`${at}: missing required field ${(params.requiredProperties as string[]).map((n) => `'${n}'`).join(', ')}`);
     } else {

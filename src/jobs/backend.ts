@@ -37,7 +37,7 @@ export async function openJobBackend(opts: BackendOptions): Promise<JobBackend> 
     const runner = new StageRunner(store, opts.dataDir, opts.logger);
     queue = await BullmqQueue.open({ url: opts.redisUrl, store, runner, logger: opts.logger, stallTimeoutMs: opts.stallTimeoutMs, stages: opts.stages });
   } else {
-    store = await FileJobStore.open(join(opts.dataDir, STATE_DIR, 'jobs'));
+    store = await FileJobStore.open(join(opts.dataDir, STATE_DIR, 'jobs'), opts.logger);
     queue = await EmbeddedQueue.open(store, new StageRunner(store, opts.dataDir, opts.logger), opts.logger);
   }
   return {

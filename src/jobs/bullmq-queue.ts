@@ -4,8 +4,9 @@ import type { Logger } from 'pino';
 import { isTerminal, type JobRecord } from './model.js';
 import { DEFAULT_RETRY, type JobQueue, type RetryPolicy } from './queue.js';
 import { runnableHandler, runnableStageNames } from './registry.js';
-import { ABORT_CANCEL, ABORT_SHUTDOWN } from './handler.js';
+import { ABORT_CANCEL, ABORT_SHUTDOWN, plannedStages } from './handler.js';
 import type { StageRunner } from './runner.js';
+import { StageSlots } from './stage-slots.js';
 import { logLine, type JobStore } from './store.js';
 
 /** Cancellation reaches the worker running a job through this channel: only it holds the AbortController. */
@@ -51,6 +52,7 @@ export class BullmqQueue implements JobQueue {
   private readonly flow: FlowProducer;
   private readonly publisher: Redis;
   private readonly workers: Worker[] = [];
+  private readonly slots: StageSlots[] = [];
   private readonly failures: QueueEvents[] = [];
   private cancelSubscriber?: Redis;
   private readonly retry: RetryPolicy;
@@ -73,7 +75,7 @@ export class BullmqQueue implements JobQueue {
     const queue = new BullmqQueue(opts);
     for (const record of await opts.store.unfinished()) {
       const handler = runnableHandler(record.type);
-      const lastStage = handler.stages[handler.stages.length - 1].name;
+      const lastStage = handler.stages[plannedStages(handler, record.spec).at(-1)!].name;
       if (!(await queue.queues.get(lastStage)!.getJob(stageJobId(record.id, lastStage)))) {
         opts.logger.warn({ jobId: record.id }, 'unfinished job had no queue entry; queueing it again');
         await queue.enqueue(record);
@@ -86,7 +88,8 @@ export class BullmqQueue implements JobQueue {
     const handler = runnableHandler(record.type);
     // The last stage is the root of the flow; each stage's child is the stage before it.
     let node: FlowJob | undefined;
-    handler.stages.forEach((stage, stageIndex) => {
+    for (const stageIndex of plannedStages(handler, record.spec)) {
+      const stage = handler.stages[stageIndex];
       const data: StageJobData = { jobId: record.id, type: record.type, stageIndex };
       node = {
         name: stage.name,
@@ -102,7 +105,7 @@ export class BullmqQueue implements JobQueue {
         },
         children: node ? [node] : undefined,
       };
-    });
+    }
     await this.flow.add(node!);
   }
 
@@ -122,9 +125,12 @@ export class BullmqQueue implements JobQueue {
     const connection = { url: this.opts.url, maxRetriesPerRequest: null };
     const stages = this.opts.stages ?? runnableStageNames();
     for (const stage of stages) {
-      const worker = new Worker<StageJobData>(stageQueueName(stage), (job, token, signal) => this.process(job, token, signal), {
+      const slots = new StageSlots(concurrency);
+      this.slots.push(slots);
+      // One job more than the slots: BullMQ fetches the next job while the slots are busy (StageSlots).
+      const worker = new Worker<StageJobData>(stageQueueName(stage), (job, token, signal) => this.process(job, token, signal, slots), {
         connection,
-        concurrency,
+        concurrency: concurrency + 1,
         lockDuration: this.stallTimeoutMs,
         stalledInterval: this.stallTimeoutMs,
         maxStalledCount: 1,
@@ -145,6 +151,8 @@ export class BullmqQueue implements JobQueue {
   }
 
   async close(graceMs: number): Promise<void> {
+    // Jobs fetched but not started go back to their queue at once.
+    for (const slots of this.slots) slots.close();
     const closing = Promise.all(this.workers.map((w) => w.close()));
     let timer: NodeJS.Timeout | undefined;
     const graceOver = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), graceMs)));
@@ -158,7 +166,7 @@ export class BullmqQueue implements JobQueue {
     await Promise.all([this.publisher.quit(), this.cancelSubscriber?.quit()]);
   }
 
-  private async process(job: Job<StageJobData>, token: string | undefined, signal: AbortSignal | undefined): Promise<unknown> {
+  private async process(job: Job<StageJobData>, token: string | undefined, signal: AbortSignal | undefined, slots: StageSlots): Promise<unknown> {
     const { jobId, stageIndex } = job.data;
     const previous = stageIndex > 0 ? Object.values(await job.getChildrenValues())[0] : undefined;
     const outcome = await this.opts.runner.run({
@@ -168,6 +176,7 @@ export class BullmqQueue implements JobQueue {
       maxAttempts: this.retry.attempts,
       signal: signal ?? new AbortController().signal,
       previous,
+      slots,
     });
     switch (outcome.kind) {
       case 'completed':
@@ -177,6 +186,7 @@ export class BullmqQueue implements JobQueue {
       case 'failed':
         throw new UnrecoverableError(outcome.error.message);
       case 'interrupted':
+      case 'returned':
         await job.moveToWait(token);
         throw new WaitingError();
       case 'cancelled':

@@ -3,6 +3,7 @@ import type { JobRecord } from './model.js';
 import { backoffDelay, DEFAULT_RETRY, type JobQueue, type RetryPolicy } from './queue.js';
 import { ABORT_CANCEL, ABORT_SHUTDOWN } from './handler.js';
 import type { StageRunner } from './runner.js';
+import { StageSlots } from './stage-slots.js';
 import type { JobStore } from './store.js';
 
 interface Pending {
@@ -21,7 +22,9 @@ export class EmbeddedQueue implements JobQueue {
   private readonly waiting: Pending[] = [];
   private readonly retryTimers = new Map<string, NodeJS.Timeout>();
   private readonly running = new Map<string, { controller: AbortController; done: Promise<void> }>();
-  private concurrency = 0;
+  private slots = new StageSlots(0);
+  /** Jobs taken at once: one more than the slots, so the next one is ready when a slot frees. */
+  private taken = 0;
   private closing = false;
 
   private constructor(
@@ -56,12 +59,15 @@ export class EmbeddedQueue implements JobQueue {
   }
 
   async startWorker(concurrency: number): Promise<void> {
-    this.concurrency = concurrency;
+    this.slots = new StageSlots(concurrency);
+    this.taken = concurrency + 1;
     this.pump();
   }
 
   async close(graceMs: number): Promise<void> {
     this.closing = true;
+    // A job prepared but not started stays queued in the store, for the next start.
+    this.slots.close();
     for (const timer of this.retryTimers.values()) clearTimeout(timer);
     const all = () => Promise.all([...this.running.values()].map((r) => r.done));
     let timer: NodeJS.Timeout | undefined;
@@ -75,7 +81,7 @@ export class EmbeddedQueue implements JobQueue {
   }
 
   private pump(): void {
-    while (!this.closing && this.running.size < this.concurrency && this.waiting.length) {
+    while (!this.closing && this.running.size < this.taken && this.waiting.length) {
       const next = this.waiting.shift()!;
       const controller = new AbortController();
       const done = this.execute(next, controller.signal)
@@ -92,9 +98,9 @@ export class EmbeddedQueue implements JobQueue {
   private async execute(pending: Pending, signal: AbortSignal): Promise<void> {
     let { stageIndex, previous } = pending;
     for (;;) {
-      const outcome = await this.runner.run({ jobId: pending.jobId, stageIndex, attempt: pending.attempt, maxAttempts: this.retry.attempts, signal, previous });
-      if (outcome.kind === 'completed' && !outcome.last) {
-        stageIndex++;
+      const outcome = await this.runner.run({ jobId: pending.jobId, stageIndex, attempt: pending.attempt, maxAttempts: this.retry.attempts, signal, previous, slots: this.slots });
+      if (outcome.kind === 'completed' && outcome.next !== undefined) {
+        stageIndex = outcome.next;
         previous = outcome.result;
         pending = { ...pending, stageIndex, attempt: 1, previous };
         continue;

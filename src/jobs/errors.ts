@@ -25,7 +25,23 @@ export class JobTypeUnavailableError extends FerryError {
   readonly code = 'JOB_TYPE_UNAVAILABLE';
 }
 
-/** A request option this build cannot honour yet: driver injection in capture jobs before issue 6 lands. */
-export class FeatureUnavailableError extends FerryError {
-  readonly code = 'FEATURE_UNAVAILABLE';
+/** System errors that retrying cannot fix; everything else that is not a FerryError is retried. */
+const PERMANENT_SYSTEM_ERRORS = new Set(['ENOENT', 'ENOTDIR', 'EISDIR', 'EACCES', 'EPERM', 'EEXIST', 'EINVAL', 'EROFS', 'ELOOP', 'ENAMETOOLONG']);
+
+/**
+ * A typed error for a condition that may pass by itself (a dropped connection, a source too busy to
+ * capture consistently): its class declares `readonly transient = true`. The marker is structural so
+ * that error classes need not depend on the job service.
+ */
+export type TransientError = FerryError & { readonly transient: true };
+
+export function isTransient(err: unknown): err is TransientError {
+  return err instanceof FerryError && (err as Partial<TransientError>).transient === true;
+}
+
+/** A failure that retrying cannot fix: a corrupt image, a bad option, a missing file, a refused host key. */
+export function isPermanent(err: unknown): boolean {
+  if (err instanceof FerryError) return !isTransient(err);
+  const code = (err as NodeJS.ErrnoException)?.code;
+  return code !== undefined && PERMANENT_SYSTEM_ERRORS.has(code);
 }

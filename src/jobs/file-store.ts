@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { appendFile, mkdir, readFile, readdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
+import type { Logger } from 'pino';
 import { writeFileAtomic } from './atomic-file.js';
 import { isTerminal, type JobPatch, type JobRecord } from './model.js';
 import type { CreateOutcome, IdempotencyClaim, JobListQuery, JobPage, JobStore } from './store.js';
@@ -29,13 +30,16 @@ export class FileJobStore implements JobStore {
   /** Per job, the last append: appends wait for it, so lines land in the order they were written. */
   private readonly logTails = new Map<string, Promise<void>>();
 
-  private constructor(private readonly dir: string) {
+  private constructor(
+    private readonly dir: string,
+    private readonly logger: Logger,
+  ) {
     this.events.setMaxListeners(0);
   }
 
-  static async open(dir: string): Promise<FileJobStore> {
+  static async open(dir: string, logger: Logger): Promise<FileJobStore> {
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    const store = new FileJobStore(dir);
+    const store = new FileJobStore(dir, logger);
     for (const name of await readdir(dir)) {
       // Leftovers of a write interrupted by a crash; the previous version is intact under the real name.
       if (name.endsWith('.tmp')) await unlink(join(dir, name)).catch(() => undefined);
@@ -91,10 +95,18 @@ export class FileJobStore implements JobStore {
     entry.record = { ...entry.record, ...patch };
     const record = entry.record;
     this.events.emit('change', record);
-    // Not fsynced: after a power cut an update lost here reads back as an earlier, unfinished state, and
-    // unfinished jobs are re-run from scratch at the next start (outputs are fsynced before their rename).
-    // Only the creation, which the client was told about with a 202, must survive one.
-    await this.persist(id, false);
+    // Progress alone is not written: after a restart an unfinished job starts over from zero anyway. It
+    // goes to the file with the next change of state.
+    if (Object.keys(patch).every((field) => field === 'progress')) {
+      entry.dirty = true;
+      return record;
+    }
+    // Neither fsynced nor waited for: readers get the record from memory, and a change lost to a crash
+    // (process or power) reads back as an earlier, unfinished state, which the next start re-runs from
+    // scratch (outputs are fsynced before their rename). Only the creation, which the client was told about
+    // with a 202, must be on disk before the call returns. Changes made while a write runs are coalesced
+    // into the next one; close() waits for them all.
+    this.persist(id, false).catch((err: unknown) => this.logger.error({ err, jobId: id }, 'job record write failed; the file is behind until the next change'));
     return record;
   }
 

@@ -38,6 +38,8 @@ export interface JobStage<Spec extends JobSpec> {
    * removed (a worker killed mid-write leaves one), and no two unfinished jobs may share an output.
    */
   outputs(spec: Spec): string[];
+  /** Whether a request needs this stage (default: every request); a stage it does not need is never queued. */
+  appliesTo?(spec: Spec): boolean;
   run(ctx: StageContext<Spec>): Promise<unknown>;
 }
 
@@ -68,4 +70,9 @@ export type JobHandler = RunnableJobHandler | UnavailableJobHandler;
 
 export function isRunnable(handler: JobHandler): handler is RunnableJobHandler {
   return 'stages' in handler;
+}
+
+/** The indexes in `handler.stages` of the stages this request runs, in order. */
+export function plannedStages(handler: RunnableJobHandler, spec: JobSpec): number[] {
+  return handler.stages.flatMap((stage, index) => (stage.appliesTo?.(spec) ?? true ? [index] : []));
 }

@@ -23,7 +23,7 @@ export interface JobRecord {
   id: string;
   type: string;
   state: JobState;
-  /** The stage running or last run (convert; capture for P2V, driver injection to follow). */
+  /** The stage running or last run: convert; P2V: capture, or capture → convert → inject with driver injection. */
   stage: string | null;
   progress: JobProgress;
   createdAt: string;

@@ -70,6 +70,18 @@ function pairsToObject(flat: string[]): Record<string, string> {
   return out;
 }
 
+/** The scripts, registered once per connection: calls send their SHA (EVALSHA), not their text. */
+interface ScriptedRedis extends Redis {
+  createJob(...keysAndArgs: Array<string | number>): Promise<string | null>;
+  updateJob(...keysAndArgs: Array<string | number>): Promise<string[] | null>;
+}
+
+function withScripts(redis: Redis): ScriptedRedis {
+  redis.defineCommand('createJob', { numberOfKeys: 4, lua: CREATE_SCRIPT });
+  redis.defineCommand('updateJob', { numberOfKeys: 1, lua: UPDATE_SCRIPT });
+  return redis as ScriptedRedis;
+}
+
 /**
  * Job records in Redis, shared by the API and every worker. Updates are Lua scripts, so the "finished
  * records are final" rule holds across processes, and each update publishes the new record to every
@@ -79,7 +91,7 @@ export class RedisJobStore implements JobStore {
   private readonly events = new EventEmitter();
 
   private constructor(
-    private readonly redis: Redis,
+    private readonly redis: ScriptedRedis,
     private readonly subscriber: Redis | undefined,
   ) {
     this.events.setMaxListeners(0);
@@ -87,7 +99,7 @@ export class RedisJobStore implements JobStore {
 
   /** `watch` opens a second connection that receives every job change (the API needs it; workers do not). */
   static async connect(url: string, opts: { watch: boolean }): Promise<RedisJobStore> {
-    const redis = new Redis(url, { maxRetriesPerRequest: null });
+    const redis = withScripts(new Redis(url, { maxRetriesPerRequest: null }));
     let subscriber: Redis | undefined;
     if (opts.watch) {
       subscriber = new Redis(url, { maxRetriesPerRequest: null });
@@ -103,7 +115,7 @@ export class RedisJobStore implements JobStore {
   async create(record: JobRecord, claim?: IdempotencyClaim): Promise<CreateOutcome> {
     const claimValue = JSON.stringify({ id: record.id, fingerprint: claim?.fingerprint });
     const keys = [jobKey(record.id), ALL_JOBS, stateKey(record.state), idemKey(claim?.key ?? '')];
-    const taken = (await this.redis.eval(CREATE_SCRIPT, keys.length, ...keys, record.id, Date.parse(record.createdAt), claim ? '1' : '0', claimValue, ...toFields({ ...record }))) as string | null;
+    const taken = await this.redis.createJob(...keys, record.id, Date.parse(record.createdAt), claim ? '1' : '0', claimValue, ...toFields({ ...record }));
     if (taken) {
       const earlier = JSON.parse(taken) as { id: string; fingerprint: string };
       return { created: false, record: (await this.get(earlier.id))!, fingerprintMatches: earlier.fingerprint === claim?.fingerprint };
@@ -143,7 +155,7 @@ export class RedisJobStore implements JobStore {
 
   async update(id: string, patch: JobPatch): Promise<JobRecord | undefined> {
     const newState = patch.state === undefined ? '' : JSON.stringify(patch.state);
-    const result = (await this.redis.eval(UPDATE_SCRIPT, 1, jobKey(id), id, newState, ...toFields(patch))) as string[] | null;
+    const result = await this.redis.updateJob(jobKey(id), id, newState, ...toFields(patch));
     return result ? fromFields(pairsToObject(result)) : undefined;
   }
 

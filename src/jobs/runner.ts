@@ -2,17 +2,16 @@ import { hostname } from 'node:os';
 import type { Logger } from 'pino';
 import { FerryError, errorMessage } from '../errors.js';
 import { CredentialVault } from './credentials.js';
-import { ABORT_SHUTDOWN, type CredentialReader, type RunnableJobHandler, type StageContext } from './handler.js';
+import { isPermanent } from './errors.js';
+import { ABORT_SHUTDOWN, plannedStages, type CredentialReader, type RunnableJobHandler, type StageContext } from './handler.js';
 import { isTerminal, type JobFailure, type JobProgress } from './model.js';
 import { removeStaleTemporaries, resolveInDataDir } from './paths.js';
 import { runnableHandler } from './registry.js';
+import type { StageSlots } from './stage-slots.js';
 import { logLine, type JobStore } from './store.js';
 
 /** Progress reaches the store (and the events stream) at most this often per job. */
 const PROGRESS_INTERVAL_MS = 250;
-
-/** System errors that retrying cannot fix; everything else that is not a FerryError is retried. */
-const PERMANENT_SYSTEM_ERRORS = new Set(['ENOENT', 'ENOTDIR', 'EISDIR', 'EACCES', 'EPERM', 'EEXIST', 'EINVAL', 'EROFS', 'ELOOP', 'ENAMETOOLONG']);
 
 export interface StageAttempt {
   jobId: string;
@@ -22,35 +21,22 @@ export interface StageAttempt {
   maxAttempts: number;
   signal: AbortSignal;
   previous: unknown;
+  /** The stage's work waits for one of these; the job may be prepared before. */
+  slots: StageSlots;
 }
 
 export type StageOutcome =
-  | { kind: 'completed'; result: unknown; last: boolean }
+  /** `next`: the index of the stage that runs next, or undefined after the job's last stage. */
+  | { kind: 'completed'; result: unknown; next: number | undefined }
   | { kind: 'retry'; error: Error }
   | { kind: 'failed'; error: Error }
   | { kind: 'cancelled' }
   /** Stopped by a shutdown: the job is queued again and starts over. */
   | { kind: 'interrupted' }
   /** The job was cancelled or finished before this stage started. */
-  | { kind: 'skipped' };
-
-/**
- * A typed error for a condition that may pass by itself (a dropped connection, a source too busy to
- * capture consistently): its class declares `readonly transient = true`. The marker is structural so
- * that error classes need not depend on the job service.
- */
-export type TransientError = FerryError & { readonly transient: true };
-
-export function isTransient(err: unknown): err is TransientError {
-  return err instanceof FerryError && (err as Partial<TransientError>).transient === true;
-}
-
-/** A failure that retrying cannot fix: a corrupt image, a bad option, a missing file, a refused host key. */
-export function isPermanent(err: unknown): boolean {
-  if (err instanceof FerryError) return !isTransient(err);
-  const code = (err as NodeJS.ErrnoException)?.code;
-  return code !== undefined && PERMANENT_SYSTEM_ERRORS.has(code);
-}
+  | { kind: 'skipped' }
+  /** The worker shut down before the stage could start: the queue takes the job back as it is. */
+  | { kind: 'returned' };
 
 /**
  * Runs one stage of one job for any queue adapter: the record's state transitions, the job log, progress,
@@ -78,17 +64,20 @@ export class StageRunner {
     if (!record || isTerminal(record.state)) return { kind: 'skipped' };
     const handler = this.handlerFor(record.type);
     const stage = handler.stages[stageIndex];
-    const last = stageIndex === handler.stages.length - 1;
+    const next = plannedStages(handler, record.spec).find((index) => index > stageIndex);
     // Lines are written in call order (the store keeps appends in order); the runner awaits its own so a
     // client that sees the final state also finds the line that explains it.
     const log = (message: string) => this.store.appendLog(jobId, logLine(message)).catch((err) => this.logger.error({ err, jobId }, 'job log write failed'));
     const resolvePath = (path: string, field: string) => resolveInDataDir(this.dataDir, path, field);
 
-    if (record.state === 'running') await log(`the previous attempt on ${record.worker} did not finish (worker stopped or lost); starting ${stage.name} over`);
+    // Running in this very stage: an attempt of it was cut off. (Running in an earlier stage: that one finished.)
+    if (record.state === 'running' && record.stage === stage.name) await log(`the previous attempt on ${record.worker} did not finish (worker stopped or lost); starting ${stage.name} over`);
     for (const output of stage.outputs(record.spec)) {
       const removed = await removeStaleTemporaries(await resolvePath(output, 'output'));
       if (removed.length) await log(`removed partial output left by an interrupted attempt: ${removed.join(', ')}`);
     }
+    if (!(await attempt.slots.acquire(signal))) return signal.aborted && signal.reason !== ABORT_SHUTDOWN ? { kind: 'skipped' } : { kind: 'returned' };
+    // Refused if the job was cancelled while it waited for the slot.
     const started = await this.store.update(jobId, {
       state: 'running',
       stage: stage.name,
@@ -97,7 +86,10 @@ export class StageRunner {
       progress: { done: 0, total: 0 },
       worker: this.workerName,
     });
-    if (!started) return { kind: 'skipped' };
+    if (!started) {
+      attempt.slots.release();
+      return { kind: 'skipped' };
+    }
     // Not awaited: the store keeps appends in order, and the stage need not wait for its log.
     void log(`${stage.name}: attempt ${attempt.attempt} of ${attempt.maxAttempts} on ${this.workerName}`);
     this.logger.info({ jobId, stage: stage.name, attempt: attempt.attempt }, 'stage started');
@@ -112,15 +104,22 @@ export class StageRunner {
       progress: (p) => progress.report(p),
       log: (message) => void log(message),
     };
+    // The job's work ends when its stage's does: the slot goes to the next job at once, and the record
+    // says when the work ended, not when its last write landed.
+    let workEnded = '';
+    const endWork = () => {
+      workEnded = new Date().toISOString();
+      attempt.slots.release();
+    };
     try {
-      const result = await stage.run(ctx);
+      const result = await stage.run(ctx).finally(endWork);
       await progress.flush();
-      if (last) {
+      if (next === undefined) {
         await log('completed');
-        await this.store.update(jobId, { state: 'completed', finishedAt: new Date().toISOString(), result, progress: progress.final() });
+        await this.store.update(jobId, { state: 'completed', finishedAt: workEnded, result, progress: progress.final() });
       }
       this.logger.info({ jobId, stage: stage.name }, 'stage completed');
-      return { kind: 'completed', result, last };
+      return { kind: 'completed', result, next };
     } catch (thrown) {
       await progress.flush();
       const error = thrown instanceof Error ? thrown : new Error(String(thrown));
@@ -131,7 +130,7 @@ export class StageRunner {
       }
       if (signal.aborted) {
         await log(`${stage.name}: cancelled; partial output removed`);
-        await this.store.update(jobId, { state: 'cancelled', finishedAt: new Date().toISOString() });
+        await this.store.update(jobId, { state: 'cancelled', finishedAt: workEnded });
         return { kind: 'cancelled' };
       }
       const failure = this.describe(error);
@@ -142,7 +141,7 @@ export class StageRunner {
         return { kind: 'retry', error };
       }
       await log(`${stage.name}: failed: ${failure.message}`);
-      await this.store.update(jobId, { state: 'failed', finishedAt: new Date().toISOString(), error: failure });
+      await this.store.update(jobId, { state: 'failed', finishedAt: workEnded, error: failure });
       this.logger.warn({ jobId, stage: stage.name, err: error }, 'job failed');
       return { kind: 'failed', error };
     }

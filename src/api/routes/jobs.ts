@@ -17,7 +17,9 @@ export function registerJobRoutes(app: FastifyInstance, service: JobService): vo
     {
       schema: {
         summary: 'Submit a job',
-        description: 'Queues a conversion, or a P2V capture over SSH (with a stored credential and a verified host key). Paths are relative to the data dir.',
+        description:
+          'Queues a conversion, or a P2V capture over SSH (with a stored credential and a verified host key), optionally followed by ' +
+          'conversion and driver injection for a target hypervisor. Paths are relative to the data dir.',
         tags: ['jobs'],
         headers: IdempotencyHeadersSchema,
         body: JobRequestSchema,

@@ -5,11 +5,14 @@ import { captureDisk, captureMachine, type DiskSettings, type HostKeySettings, t
 import type { CaptureProgress, CaptureResult } from '../../capture/session.js';
 import { describeTarget, type LoginSecrets, type SshTarget } from '../../capture/ssh-connection.js';
 import { workingPaths } from '../../capture/working-image.js';
+import { targetProfiles } from '../../drivers/targets/index.js';
 import { InvalidOptionError } from '../../errors.js';
 import { createLogger } from '../../log.js';
 import { formatSize } from '../../util/size.js';
-import { ConflictError, FeatureUnavailableError, MissingInputError } from '../errors.js';
+import { ConflictError, MissingInputError } from '../errors.js';
 import { ABORT_CANCEL, type RunnableJobHandler, type StageContext } from '../handler.js';
+import { capturePath, convertCaptures, removeFinishedCaptures } from './captured-images.js';
+import { injectIntoCaptures } from './inject-drivers.js';
 import { checkOutputImage, optionStrings, OutputImageFields, RelativePath } from './output-image.js';
 
 const Fingerprint = Type.String({ pattern: '^SHA256:[A-Za-z0-9+/]{43}=?$', description: 'an OpenSSH host key fingerprint, as `ssh-keygen -lf KEY.pub` prints it' });
@@ -49,10 +52,27 @@ export const CaptureJobSchema = Type.Object(
       { additionalProperties: false },
     ),
     injectDrivers: Type.Optional(
-      Type.Boolean({ description: "inject the target hypervisor's drivers into the captured images; not in this build yet (true is refused with 501)" }),
+      Type.Object(
+        {
+          target: Type.Enum(
+            targetProfiles.map((p) => p.name),
+            { description: `the hypervisor or cloud the guest must boot on, as \`ferry inject --target\`: ${targetProfiles.map((p) => p.name).join(', ')}` },
+          ),
+          drivers: Type.Optional({
+            ...RelativePath,
+            description: 'Windows guests: the driver folder (virtio-win for kvm; the VMware, Xen or AWS drivers), relative to the data dir, as `ferry inject --drivers`',
+          }),
+        },
+        {
+          additionalProperties: false,
+          description:
+            "make the captured guest boot on the target: the job becomes the flow capture → convert → inject. The raw capture is converted to target.format, then the target's " +
+            "drivers are injected into the image(s) as `ferry inject` does; the report is in result.injection and the job log. An image that cannot be made bootable is removed",
+        },
+      ),
     ),
   },
-  { additionalProperties: false, title: 'CaptureJob', description: 'P2V: capture a machine over SSH into the target format (driver injection to follow)' },
+  { additionalProperties: false, title: 'CaptureJob', description: 'P2V: capture a machine over SSH into the target format, optionally making its guest boot on another hypervisor' },
 );
 export type CaptureJob = Static<typeof CaptureJobSchema>;
 
@@ -95,13 +115,13 @@ export const captureJob: RunnableJobHandler<CaptureJob> = {
   schema: CaptureJobSchema,
 
   async check(spec, { resolvePath }) {
-    if (spec.injectDrivers) {
-      throw new FeatureUnavailableError(
-        'injectDrivers: driver injection needs the drivers module (issue 6), which this build does not include; submit without it to capture only',
-        { field: 'injectDrivers' },
-      );
-    }
     checkOutputImage(spec.target);
+    if (spec.injectDrivers?.drivers !== undefined) {
+      const drivers = await resolvePath(spec.injectDrivers.drivers, 'injectDrivers.drivers');
+      if (!(await stat(drivers).catch(() => undefined))) {
+        throw new MissingInputError(`injectDrivers.drivers '${spec.injectDrivers.drivers}' is not in the data dir`, { field: 'injectDrivers.drivers' });
+      }
+    }
     if (spec.source.knownHosts !== undefined) {
       const file = await resolvePath(spec.source.knownHosts, 'source.knownHosts');
       if (!(await stat(file).catch(() => undefined))?.isFile()) {
@@ -112,6 +132,10 @@ export const captureJob: RunnableJobHandler<CaptureJob> = {
     const existing = await stat(dest).catch(() => undefined);
     if (spec.source.disk === 'all') {
       if (existing && !existing.isDirectory()) throw new InvalidOptionError(`target.path '${spec.target.path}' is a file; with disk 'all' it names a folder`, { field: 'target.path' });
+      // The convert stage writes the images under names known only once the machine is inventoried.
+      if (existing && spec.injectDrivers && (await readdir(dest)).length) {
+        throw new ConflictError(`target.path '${spec.target.path}' is not empty; with injectDrivers, capture a whole machine into a new or empty folder`, { field: 'target.path' });
+      }
       return;
     }
     // The capture module never overwrites an image; an interrupted capture's resume files are not DEST yet.
@@ -129,12 +153,33 @@ export const captureJob: RunnableJobHandler<CaptureJob> = {
       outputs: (spec) => [spec.target.path],
       run: runCapture,
     },
+    {
+      name: 'convert',
+      outputs: (spec) => [spec.target.path],
+      appliesTo: (spec) => spec.injectDrivers !== undefined,
+      run: convertCaptures,
+    },
+    {
+      name: 'inject',
+      outputs: (spec) => [spec.target.path],
+      appliesTo: (spec) => spec.injectDrivers !== undefined,
+      run: injectIntoCaptures,
+    },
   ],
 };
 
+/**
+ * Captures into target.path in its format, verified against the source; or, when later stages convert and
+ * inject, into raw images where the convert stage expects them (capturePath).
+ */
 async function runCapture(ctx: StageContext<CaptureJob>): Promise<CaptureJobResult> {
   const { spec, resolvePath, signal, log } = ctx;
-  const dest = await resolvePath(spec.target.path, 'target.path');
+  const staged = spec.injectDrivers !== undefined;
+  const destPath = staged ? capturePath(spec) : spec.target.path;
+  const format = staged ? 'raw' : spec.target.format;
+  const dest = await resolvePath(destPath, 'target.path');
+  // A finished raw capture of an earlier run (the service restarted during a later stage) is taken again.
+  if (staged) await removeFinishedCaptures(dest, spec.source.disk === 'all');
   const target: SshTarget = { user: spec.source.user, host: spec.source.host, port: spec.source.port ?? 22, device: spec.source.disk === 'all' ? '' : spec.source.disk };
   const hostKeys: HostKeySettings =
     spec.source.hostKey !== undefined ? { pins: [spec.source.hostKey].flat() } : { knownHostsFile: await resolvePath(spec.source.knownHosts, 'source.knownHosts') };
@@ -145,30 +190,32 @@ async function runCapture(ctx: StageContext<CaptureJob>): Promise<CaptureJobResu
     transfer: TRANSFER_SETTINGS,
     settings: {
       ...CAPTURE_SETTINGS,
-      format: spec.target.format,
-      formatOptions: optionStrings(spec.target.options),
-      compress: spec.target.compress ?? false,
+      format,
+      formatOptions: staged ? {} : optionStrings(spec.target.options),
+      compress: staged ? false : (spec.target.compress ?? false),
       signal,
       // The session's detailed lines go to the worker's log; the job log gets the phases below.
       log: createLogger('capture', 'info'),
     },
   };
   const report = progressReporter(ctx);
-  log(`capturing ${describeTarget(target)} into ${spec.target.format} ${spec.target.path}`);
+  log(`capturing ${describeTarget(target)} into ${format} ${destPath}`);
   try {
     const result: CaptureJobResult =
       spec.source.disk === 'all'
         ? await captureMachine({ ...request, outDir: dest, inventoryOnly: false, onProgress: (disk, p) => report(p, disk) }).then((m) => ({
-            format: spec.target.format,
-            images: m.disks.map((r) => capturedImage(r, join(spec.target.path, basename(r.dest)))),
-            machineFile: join(spec.target.path, basename(m.machineFile)),
+            format,
+            images: m.disks.map((r) => capturedImage(r, join(destPath, basename(r.dest)))),
+            machineFile: join(destPath, basename(m.machineFile)),
           }))
-        : await captureDisk({ ...request, dest, onProgress: (p) => report(p) }).then((r) => ({ format: spec.target.format, images: [capturedImage(r, spec.target.path)] }));
+        : await captureDisk({ ...request, dest, onProgress: (p) => report(p) }).then((r) => ({ format, images: [capturedImage(r, destPath)] }));
     for (const image of result.images) log(describeImage(image));
     return result;
   } catch (err) {
     // A cancelled job is over: its resume files would only take space. A shutdown keeps them for the next attempt.
     if (signal.aborted && signal.reason === ABORT_CANCEL) {
+      // A staging folder (capture then convert) is the job's own: it goes whole.
+      if (staged && spec.source.disk === 'all') await rm(dest, { recursive: true, force: true });
       for (const file of spec.source.disk === 'all' ? await resumeFilesIn(dest) : Object.values(workingPaths(dest))) await rm(file, { force: true });
     }
     throw err;

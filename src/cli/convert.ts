@@ -1,3 +1,5 @@
+import { readFile, unlink, writeFile } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import type { Command } from 'commander';
 import { InvalidOptionError } from '../errors.js';
 import { parseSize } from '../util/size.js';
@@ -62,13 +64,17 @@ export function registerConvert(program: Command): void {
       const mode = o.quiet ? 'none' : progressMode(o.p, o.progress);
       const progress = createProgress(mode, 'convert');
       const { convertImage } = await import('../convert/convert.js');
+      // A streamOptimized VMDK is written once, front to back: neither QEMU nor libguestfs can change it
+      // afterwards. The guest is fixed on a qcow2 copy beside DST first, which then becomes DST.
+      const staged = o.inject !== undefined && (await writtenOnce(o.outputFormat, o.options));
+      const fixed = staged ? join(dirname(dst), `.${basename(dst)}.ferry-inject.qcow2`) : dst;
       const stats = await convertImage({
         source: src,
         sourceFormat: o.format,
-        target: dst,
-        targetFormat: o.outputFormat,
-        options: o.options,
-        compress: o.compress === true,
+        target: fixed,
+        targetFormat: staged ? 'qcow2' : o.outputFormat,
+        options: staged ? undefined : o.options,
+        compress: !staged && o.compress === true,
         durable: o.cache !== 'unsafe',
         allowExternal: o.allowExternal === true,
         noCreate: o.create === false,
@@ -88,6 +94,32 @@ export function registerConvert(program: Command): void {
           'conversion finished',
         );
       }
-      if (o.inject) await injectIntoOutput(dst, o.outputFormat, o.inject, o.drivers);
+      if (!o.inject) return;
+      if (!staged) return injectIntoOutput(dst, o.outputFormat, o.inject, o.drivers);
+      try {
+        await injectIntoOutput(fixed, 'qcow2', o.inject, o.drivers);
+        const finalProgress = createProgress(mode, 'convert');
+        const written = await convertImage({
+          source: fixed,
+          sourceFormat: 'qcow2',
+          target: dst,
+          targetFormat: o.outputFormat,
+          options: o.options,
+          compress: o.compress === true,
+          durable: o.cache !== 'unsafe',
+          pipeline: { workers: parseCount(o.parallel, '-m', 1, 64), sparseSize: parseSize(o.sparseSize, '-S'), onProgress: (p) => finalProgress.update(p) },
+        });
+        finalProgress.done(written);
+        const report = JSON.parse(await readFile(`${fixed}.ferry-inject.json`, 'utf8'));
+        await writeFile(`${dst}.ferry-inject.json`, JSON.stringify({ ...report, image: dst, reportPath: `${dst}.ferry-inject.json` }, null, 2) + '\n');
+      } finally {
+        await unlink(fixed).catch(() => undefined);
+        await unlink(`${fixed}.ferry-inject.json`).catch(() => undefined);
+      }
     });
+}
+
+async function writtenOnce(format: string, options: Record<string, string> | undefined): Promise<boolean> {
+  const { findDriver } = await import('../convert/registry.js');
+  return findDriver(format).name === 'vmdk' && options?.subformat === 'streamOptimized';
 }

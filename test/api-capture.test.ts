@@ -288,6 +288,12 @@ describe('capture jobs (embedded queue)', () => {
       [inject({ target: 'kvm', drivers: '/srv/virtio-win' }), 400, /injectDrivers\.drivers '\/srv\/virtio-win' is absolute/, 'injectDrivers.drivers'],
       [inject({ target: 'kvm', drivers: 'no-such-folder' }), 422, /injectDrivers\.drivers 'no-such-folder' is not in the data dir/, 'injectDrivers.drivers'],
       [inject(true), 400, /body\.injectDrivers: must be object/],
+      [
+        { ...inject({ target: 'vmware' }), target: { path: 'x.vmdk', format: 'vmdk', options: { subformat: 'streamOptimized' } } },
+        400,
+        /injectDrivers cannot edit a streamOptimized VMDK once it is written/,
+        'injectDrivers',
+      ],
       [{ ...captureRequest({ device: source, target: 'x.qcow2' }), source: { host: '127.0.0.1', user: 'root', credential, disk: source } }, 400, /missing required field 'hostKey'.*'knownHosts'/],
       [captureRequest({ device: source, target: 'x.qcow2', hostKey: 'SHA256:short' }), 400, /body\.source\.hostKey: must match pattern/],
       [captureRequest({ device: 'sda', target: 'x.qcow2' }), 400, /body\.source\.disk: must match pattern/],

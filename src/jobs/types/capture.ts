@@ -5,6 +5,7 @@ import { captureDisk, captureMachine, type DiskSettings, type HostKeySettings, t
 import type { CaptureProgress, CaptureResult } from '../../capture/session.js';
 import { describeTarget, type LoginSecrets, type SshTarget } from '../../capture/ssh-connection.js';
 import { workingPaths } from '../../capture/working-image.js';
+import { findDriver } from '../../convert/registry.js';
 import { targetProfiles } from '../../drivers/targets/index.js';
 import { InvalidOptionError } from '../../errors.js';
 import { createLogger } from '../../log.js';
@@ -116,6 +117,13 @@ export const captureJob: RunnableJobHandler<CaptureJob> = {
 
   async check(spec, { resolvePath }) {
     checkOutputImage(spec.target);
+    // Injection edits the converted image in place; a streamOptimized VMDK is written once and cannot be.
+    if (spec.injectDrivers && findDriver(spec.target.format).name === 'vmdk' && String(spec.target.options?.subformat) === 'streamOptimized') {
+      throw new InvalidOptionError(
+        'injectDrivers cannot edit a streamOptimized VMDK once it is written: capture into qcow2 with injectDrivers, then convert it (ferry convert -O vmdk -o subformat=streamOptimized, or a convert job)',
+        { field: 'injectDrivers' },
+      );
+    }
     if (spec.injectDrivers?.drivers !== undefined) {
       const drivers = await resolvePath(spec.injectDrivers.drivers, 'injectDrivers.drivers');
       if (!(await stat(drivers).catch(() => undefined))) {

@@ -2,7 +2,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { CorruptImageError } from '../../../errors.js';
 import type { CheckReport } from '../../format.js';
 import { readFully } from '../../output-file.js';
-import { compressedRange, l2Entries, parseExtensions, parseHeader, type Qcow2Header } from './layout.js';
+import { compressedRange, l2Entries, parseExtensions, parseHeader, readRefcount, type Qcow2Header } from './layout.js';
 
 /** Checking needs a counter per host cluster; beyond this the image is too large to check in memory. */
 const MAX_CHECK_CLUSTERS = 256 * 1024 * 1024;
@@ -210,22 +210,5 @@ class Checker {
       }
     }
     return stored;
-  }
-}
-
-function readRefcount(block: Buffer, index: number, bits: number): number {
-  switch (bits) {
-    case 64:
-      return Number(block.readBigUInt64BE(index * 8));
-    case 32:
-      return block.readUInt32BE(index * 4);
-    case 16:
-      return block.readUInt16BE(index * 2);
-    case 8:
-      return block[index];
-    default: {
-      const bitPos = index * bits;
-      return (block[bitPos >> 3] >> (bitPos & 7)) & ((1 << bits) - 1);
-    }
   }
 }

@@ -236,3 +236,44 @@ export function compressedDescriptor(offset: number, length: number, clusterBits
   const extraSectors = Math.floor((offset + length - 1) / 512) - Math.floor(offset / 512);
   return COMPRESSED | (BigInt(extraSectors) << x) | BigInt(offset);
 }
+
+/** Entry `index` of a refcount block; sub-byte widths start at the least significant bit. */
+export function readRefcount(block: Buffer, index: number, bits: number): number {
+  switch (bits) {
+    case 64:
+      return Number(block.readBigUInt64BE(index * 8));
+    case 32:
+      return block.readUInt32BE(index * 4);
+    case 16:
+      return block.readUInt16BE(index * 2);
+    case 8:
+      return block[index];
+    default: {
+      const bitPos = index * bits;
+      return (block[bitPos >> 3] >> (bitPos & 7)) & ((1 << bits) - 1);
+    }
+  }
+}
+
+/** Sets entry `index` of a refcount block, leaving its neighbours (sub-byte widths share bytes) as they are. */
+export function writeRefcount(block: Buffer, index: number, bits: number, value: number): void {
+  switch (bits) {
+    case 64:
+      block.writeBigUInt64BE(BigInt(value), index * 8);
+      return;
+    case 32:
+      block.writeUInt32BE(value, index * 4);
+      return;
+    case 16:
+      block.writeUInt16BE(value, index * 2);
+      return;
+    case 8:
+      block[index] = value;
+      return;
+    default: {
+      const bitPos = index * bits;
+      const mask = ((1 << bits) - 1) << (bitPos & 7);
+      block[bitPos >> 3] = (block[bitPos >> 3] & ~mask) | (value << (bitPos & 7));
+    }
+  }
+}

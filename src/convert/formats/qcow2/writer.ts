@@ -15,6 +15,7 @@ import {
   V2_HEADER_LENGTH,
   V3_HEADER_LENGTH_WITH_COMPRESSION,
   compressedDescriptor,
+  writeRefcount,
   type CompressionType,
 } from './layout.js';
 import { planLayout, type Qcow2Geometry } from './geometry.js';
@@ -349,30 +350,7 @@ export class Qcow2Writer implements DiskWriter {
 
   private encodeRefblock(counts: Uint32Array): Buffer {
     const buf = Buffer.alloc(this.cs);
-    const bits = this.opts.refcountBits;
-    for (let i = 0; i < counts.length; i++) {
-      const v = counts[i];
-      if (!v) continue;
-      switch (bits) {
-        case 64:
-          buf.writeBigUInt64BE(BigInt(v), i * 8);
-          break;
-        case 32:
-          buf.writeUInt32BE(v, i * 4);
-          break;
-        case 16:
-          buf.writeUInt16BE(v, i * 2);
-          break;
-        case 8:
-          buf[i] = v;
-          break;
-        default: {
-          // Sub-byte widths: bit 0 is the least significant bit of the byte.
-          const bitPos = i * bits;
-          buf[bitPos >> 3] |= v << (bitPos & 7);
-        }
-      }
-    }
+    counts.forEach((count, i) => count && writeRefcount(buf, i, this.opts.refcountBits, count));
     return buf;
   }
 

@@ -199,6 +199,19 @@ static int keep(napi_env env, task *t, napi_value v) {
 
 /* ---- read + scan ---- */
 
+/* Scans p[0, len) into t->runs (t->bytes = len); 0, or -1 with t->err set when out of memory. */
+static int scan_task(task *t, const uint8_t *p, size_t len) {
+  size_t max_runs = (t->gran ? (len + t->gran - 1) / t->gran : 0) + 2;
+  t->runs = malloc(max_runs * sizeof(uint32_t));
+  if (!t->runs) {
+    t->err = ENOMEM;
+    return -1;
+  }
+  t->bytes = len;
+  t->nruns = scan_runs(p, len, t->gran, t->runs, max_runs);
+  return 0;
+}
+
 static void run_pread_scan(task *t) {
   size_t done = 0;
   while (done < t->len) {
@@ -211,14 +224,7 @@ static void run_pread_scan(task *t) {
     if (n == 0) break;
     done += (size_t)n;
   }
-  t->bytes = done;
-  size_t max_runs = (t->gran ? (done + t->gran - 1) / t->gran : 0) + 2;
-  t->runs = malloc(max_runs * sizeof(uint32_t));
-  if (!t->runs) {
-    t->err = ENOMEM;
-    return;
-  }
-  t->nruns = scan_runs(t->buf, done, t->gran, t->runs, max_runs);
+  scan_task(t, t->buf, done);
 }
 
 /* preadScan(fd, buffer, length, position, granularity) -> Promise<{bytesRead, runs}> */
@@ -248,14 +254,7 @@ static napi_value pread_scan(napi_env env, napi_callback_info info) {
 }
 
 static void run_scan(task *t) {
-  size_t max_runs = (t->gran ? (t->len + t->gran - 1) / t->gran : 0) + 2;
-  t->runs = malloc(max_runs * sizeof(uint32_t));
-  if (!t->runs) {
-    t->err = ENOMEM;
-    return;
-  }
-  t->bytes = t->len;
-  t->nruns = scan_runs(t->buf, t->len, t->gran, t->runs, max_runs);
+  scan_task(t, t->buf, t->len);
 }
 
 /* scanZeroes(buffer, length, granularity) -> Promise<{bytesRead, runs}> */
@@ -303,17 +302,8 @@ static void run_map_scan(task *t) {
     if (e != EFAULT && e != EINVAL) t->err = e;
     return;
   }
-  t->map_base = p;
-  t->bytes = t->len;
-  size_t max_runs = (t->gran ? (t->len + t->gran - 1) / t->gran : 0) + 2;
-  t->runs = malloc(max_runs * sizeof(uint32_t));
-  if (!t->runs) {
-    munmap(p, t->map_len);
-    t->map_base = NULL;
-    t->err = ENOMEM;
-    return;
-  }
-  t->nruns = scan_runs(t->map_base + t->map_delta, t->len, t->gran, t->runs, max_runs);
+  if (scan_task(t, (const uint8_t *)p + t->map_delta, t->len) == 0) t->map_base = p;
+  else munmap(p, t->map_len);
 }
 
 /* mapScanned(fd, position, length, granularity) -> Promise<{bytesRead, runs, buffer} | null>

@@ -64,6 +64,7 @@ export function registerConvert(program: Command): void {
       const mode = o.quiet ? 'none' : progressMode(o.p, o.progress);
       const progress = createProgress(mode, 'convert');
       const { convertImage } = await import('../convert/convert.js');
+      const copying = { workers: parseCount(o.parallel, '-m', 1, 64), sparseSize: parseSize(o.sparseSize, '-S') };
       // A streamOptimized VMDK is written once, front to back: neither QEMU nor libguestfs can change it
       // afterwards. The guest is fixed on a qcow2 copy beside DST first, which then becomes DST.
       const staged = o.inject !== undefined && (await writtenOnce(o.outputFormat, o.options));
@@ -79,8 +80,7 @@ export function registerConvert(program: Command): void {
         allowExternal: o.allowExternal === true,
         noCreate: o.create === false,
         pipeline: {
-          workers: parseCount(o.parallel, '-m', 1, 64),
-          sparseSize: parseSize(o.sparseSize, '-S'),
+          ...copying,
           targetIsZero: o.targetIsZero === true,
           onProgress: (p) => progress.update(p),
         },
@@ -107,7 +107,7 @@ export function registerConvert(program: Command): void {
           options: o.options,
           compress: o.compress === true,
           durable: o.cache !== 'unsafe',
-          pipeline: { workers: parseCount(o.parallel, '-m', 1, 64), sparseSize: parseSize(o.sparseSize, '-S'), onProgress: (p) => finalProgress.update(p) },
+          pipeline: { ...copying, onProgress: (p) => finalProgress.update(p) },
         });
         finalProgress.done(written);
         const report = JSON.parse(await readFile(`${fixed}.ferry-inject.json`, 'utf8'));

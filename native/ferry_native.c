@@ -662,6 +662,8 @@ typedef struct {
   uint32_t *meta;    /* per page: kind, size, digest low, digest high */
   uint8_t *raw_runs; /* encode, optional: per page number, how many sends in a row went raw */
   size_t raw_runs_len;
+  uint8_t *skip;     /* hash: pages to leave alone, one flag per page */
+  uint32_t *held;    /* apply, optional: digest of each page the file holds, by page number */
 } page_task;
 
 enum { PAGE_ZERO = 0, PAGE_RAW = 1, PAGE_ZSTD = 2, PAGE_DELTA = 3 };
@@ -690,6 +692,80 @@ static void run_hash_file_pages(task *t) {
     for (size_t i = 0; i < n; i++) put_digest(out, first + i, ferry_xxh64(buf + i * page, page, 0));
   }
   free(buf);
+}
+
+/* Digests of the pages of a mapped file range whose holes are not read: a hole reads as zeroes (its digest
+ * is the zero page's), and reading it through a shared mapping of tmpfs would allocate it. Pages flagged in
+ * `skip` keep the digest they had. */
+static void run_hash_mapped_pages(task *t) {
+  page_task *pt = (page_task *)t;
+  size_t page = t->gran;
+  uint8_t *zero = calloc(1, page);
+  if (!zero) {
+    t->err = ENOMEM;
+    return;
+  }
+  uint64_t zero_digest = ferry_xxh64(zero, page, 0);
+  free(zero);
+  uint32_t *out = (uint32_t *)t->out;
+  const uint8_t *skip = pt->skip;
+  int64_t start = t->pos, end = t->pos + (int64_t)(t->count * page);
+  size_t next = 0, hashed = 0;
+  while (next < t->count) {
+    int64_t pos = start + (int64_t)(next * page);
+    off_t data = lseek(t->fd, pos, SEEK_DATA);
+    if (data < 0) data = errno == ENXIO ? end : pos; /* ENXIO: nothing but a hole after pos; else no hole support */
+    if (data > end) data = end;
+    off_t hole = data < end ? lseek(t->fd, data, SEEK_HOLE) : end;
+    if (hole < 0 || hole > end) hole = end;
+    size_t data_page = (size_t)((data - start) / (int64_t)page);
+    size_t hole_page = (size_t)((hole - start + (int64_t)page - 1) / (int64_t)page);
+    for (; next < data_page; next++)
+      if (!skip || !skip[next]) put_digest(out, next, zero_digest);
+    for (; next < hole_page; next++) {
+      if (skip && skip[next]) continue;
+      put_digest(out, next, ferry_xxh64(t->buf + next * page, page, 0));
+      hashed++;
+    }
+  }
+  t->bytes = hashed;
+}
+
+/* hashMappedPages(memory, fd, position, pageSize, count, out: Uint32Array[count*2], skip?: Uint8Array[count])
+ *   -> Promise<number of pages read>
+ * XXH64 of each page of memory[0, pageSize*count), which maps the file range at `position` of fd. */
+static napi_value hash_mapped_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 7;
+  napi_value argv[7];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  page_task *pt = calloc(1, sizeof *pt);
+  task *t = &pt->base;
+  size_t mem_len, out_len, skip_len = 0;
+  if (!pt || arg_buffer(env, argv[0], &t->buf, &mem_len) || arg_buffer(env, argv[5], &t->out, &out_len)) {
+    free(pt);
+    napi_throw_type_error(env, NULL, "hashMappedPages: buffers expected");
+    return NULL;
+  }
+  napi_valuetype skip_type = napi_undefined;
+  if (argc > 6) CHECK(napi_typeof(env, argv[6], &skip_type));
+  if (skip_type != napi_undefined && arg_buffer(env, argv[6], &pt->skip, &skip_len)) {
+    free(pt);
+    napi_throw_type_error(env, NULL, "hashMappedPages: skip must be a Uint8Array");
+    return NULL;
+  }
+  t->fd = (int)arg_i64(env, argv[1]);
+  t->pos = arg_i64(env, argv[2]);
+  t->gran = (size_t)arg_i64(env, argv[3]);
+  t->count = (size_t)arg_i64(env, argv[4]);
+  if (t->gran == 0 || t->pos < 0 || t->pos % (int64_t)t->gran || t->count * t->gran > mem_len || t->count * 8 > out_len ||
+      (pt->skip && skip_len < t->count)) {
+    free(pt);
+    napi_throw_range_error(env, NULL, "hashMappedPages: memory, digests or skip flags too small");
+    return NULL;
+  }
+  t->run = run_hash_mapped_pages;
+  if (keep(env, t, argv[0]) || keep(env, t, argv[5]) || (pt->skip && keep(env, t, argv[6]))) return NULL;
+  return queue(env, t, "ferry.hashMappedPages");
 }
 
 /* hashFilePages(fd, position, pageSize, count, out: Uint32Array[count*2]) -> Promise<number>
@@ -825,10 +901,15 @@ static void run_encode_pages(task *t) {
     meta[0] = kind;
     meta[1] = (uint32_t)size;
     out_pos += size;
-    /* The cache must hold exactly what the destination holds, so a cached page is always refreshed. */
-    if (cached || (pt->slots && pt->insert_new)) {
+    /* The cache must hold exactly what the destination holds, so a cached page is refreshed or evicted. A
+     * page that went raw twice in a row is rewritten whole each time: its delta will not pay, so it leaves
+     * the cache (sparing the copy here and the XOR next time) until its next retry turn. */
+    int hopeless = raw_run && *raw_run >= 2 && *raw_run % RAW_RETRY_EVERY != 0;
+    if (pt->slots && !hopeless && (cached || pt->insert_new)) {
       memcpy(pt->cache + slot * page, src, page);
       pt->tags[slot] = (int32_t)idx;
+    } else if (cached) {
+      pt->tags[slot] = -1;
     }
   }
   free(scratch);
@@ -894,30 +975,51 @@ static napi_value encode_pages(napi_env env, napi_callback_info info) {
 static void run_apply_pages(task *t) {
   page_task *pt = (page_task *)t;
   size_t page = t->gran, in_pos = 0;
-  uint8_t *scratch = malloc(page * 2);
+  uint8_t *scratch = calloc(2, page);
   if (!scratch) {
     t->err = ENOMEM;
     return;
   }
   uint8_t *data = scratch, *xor_buf = scratch + page;
-  for (size_t i = 0; i < t->count; i++) {
+  uint64_t zero_digest = ferry_xxh64(xor_buf, page, 0);
+  const uint32_t *held = pt->held;
+  for (size_t i = 0; i < t->count;) {
     uint32_t *meta = pt->meta + i * 4;
     uint32_t kind = meta[0];
     size_t size = meta[1];
-    int64_t pos = (int64_t)pt->indices[i] * (int64_t)page;
+    uint32_t idx = pt->indices[i];
+    int64_t pos = (int64_t)idx * (int64_t)page;
     if (in_pos + size > t->len) {
       snprintf(t->message, sizeof t->message, "page %zu of the batch runs past its payload", i);
       goto out;
     }
     const uint8_t *in = t->buf + in_pos;
     int rc = 0;
+    if (kind == PAGE_RAW) {
+      if (size != page) goto corrupt;
+      /* Raw pages go to the file straight from the payload, consecutive ones in one write. */
+      size_t run = 1;
+      while (i + run < t->count && pt->meta[(i + run) * 4] == PAGE_RAW && pt->meta[(i + run) * 4 + 1] == page &&
+             pt->indices[i + run] == idx + run && in_pos + (run + 1) * page <= t->len)
+        run++;
+      if ((rc = pwrite_full(t->fd, in, run * page, pos))) {
+        t->err = rc;
+        goto out;
+      }
+      for (size_t r = 0; r < run; r++) put_digest(pt->meta, (i + r) * 2 + 1, ferry_xxh64(in + r * page, page, 0));
+      in_pos += run * page;
+      i += run;
+      continue;
+    }
     switch (kind) {
       case PAGE_ZERO:
+        /* Already zero here (a hole the guest never wrote, most of the first round): nothing to write. */
+        if (held && held[idx * 2] == (uint32_t)zero_digest && held[idx * 2 + 1] == (uint32_t)(zero_digest >> 32)) {
+          put_digest(pt->meta, i * 2 + 1, zero_digest);
+          i++;
+          continue;
+        }
         memset(data, 0, page);
-        break;
-      case PAGE_RAW:
-        if (size != page) goto corrupt;
-        memcpy(data, in, page);
         break;
       case PAGE_ZSTD:
         if (ferry_decompress(FERRY_CODEC_ZSTD, in, size, data, page) != 0) goto corrupt;
@@ -940,6 +1042,7 @@ static void run_apply_pages(task *t) {
     }
     put_digest(pt->meta, i * 2 + 1, ferry_xxh64(data, page, 0));
     in_pos += size;
+    i++;
     continue;
   corrupt:
     snprintf(t->message, sizeof t->message, "page %zu of the batch (kind %u, %zu bytes) is corrupt", i, kind, size);
@@ -950,21 +1053,30 @@ out:
   free(scratch);
 }
 
-/* applyPages(fd, pageSize, count, indices: Uint32Array, payload, meta: Uint32Array[count*4]) -> Promise<number>
+/* applyPages(fd, pageSize, count, indices: Uint32Array, payload, meta: Uint32Array[count*4], held?: Uint32Array)
+ *   -> Promise<number>
  * Decodes a batch made by encodePages (meta[i] = kind, size) and writes each page at its place in the file;
- * fills meta[i*4+2..3] with the XXH64 of the page as written. */
+ * fills meta[i*4+2..3] with the XXH64 of the page as written. `held`, the digests of what the file holds by
+ * page number (low, high), lets a zero page that is already zero go unwritten. */
 static napi_value apply_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 6;
-  napi_value argv[6];
+  size_t argc = 7;
+  napi_value argv[7];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
-  size_t idx_len, meta_len;
-  uint8_t *idx_p, *meta_p;
+  size_t idx_len, meta_len, held_len = 0;
+  uint8_t *idx_p, *meta_p, *held_p = NULL;
   if (!pt || arg_buffer(env, argv[3], &idx_p, &idx_len) || arg_buffer(env, argv[4], &t->buf, &t->len) ||
       arg_buffer(env, argv[5], &meta_p, &meta_len)) {
     free(pt);
     napi_throw_type_error(env, NULL, "applyPages: buffers expected");
+    return NULL;
+  }
+  napi_valuetype held_type = napi_undefined;
+  if (argc > 6) CHECK(napi_typeof(env, argv[6], &held_type));
+  if (held_type != napi_undefined && arg_buffer(env, argv[6], &held_p, &held_len)) {
+    free(pt);
+    napi_throw_type_error(env, NULL, "applyPages: held must be a Uint32Array");
     return NULL;
   }
   pt->indices = (uint32_t *)idx_p;
@@ -977,8 +1089,18 @@ static napi_value apply_pages(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, NULL, "applyPages: buffers too small");
     return NULL;
   }
+  if (held_p) {
+    for (size_t i = 0; i < t->count; i++) {
+      if ((size_t)pt->indices[i] * 8 + 8 > held_len) {
+        free(pt);
+        napi_throw_range_error(env, NULL, "applyPages: a page number is beyond the held digests");
+        return NULL;
+      }
+    }
+    pt->held = (uint32_t *)held_p;
+  }
   t->run = run_apply_pages;
-  if (keep(env, t, argv[3]) || keep(env, t, argv[4]) || keep(env, t, argv[5])) return NULL;
+  if (keep(env, t, argv[3]) || keep(env, t, argv[4]) || keep(env, t, argv[5]) || (held_p && keep(env, t, argv[6]))) return NULL;
   return queue(env, t, "ferry.applyPages");
 }
 
@@ -995,6 +1117,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
       {"isZero", NULL, is_zero, NULL, NULL, NULL, napi_default, NULL},
       {"hashFilePages", NULL, hash_file_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"hashMappedPages", NULL, hash_mapped_pages, NULL, NULL, NULL, napi_default, NULL},
       {"preadPages", NULL, pread_pages, NULL, NULL, NULL, napi_default, NULL},
       {"encodePages", NULL, encode_pages, NULL, NULL, NULL, napi_default, NULL},
       {"applyPages", NULL, apply_pages, NULL, NULL, NULL, napi_default, NULL},

@@ -59,6 +59,12 @@ interface FerryNative {
   mapShared(fd: number, length: number): ArrayBuffer;
   /** XXH64 (seed 0) of a small buffer, synchronously. */
   xxh64(data: Uint8Array): bigint;
+  /**
+   * XXH64 of each page of `memory`, a mapping of fd's range at `position` (mapShared), as (low, high) pairs in
+   * out. Holes of the file are not read (their digest is the zero page's): on tmpfs, reading a hole through
+   * a shared mapping would allocate it. Pages flagged in `skip` keep their digest. Resolves to the pages read.
+   */
+  hashMappedPages(memory: Uint8Array, fd: number, position: number, pageSize: number, count: number, out: Uint32Array, skip?: Uint8Array): Promise<number>;
   /** XXH64 of each page of the file range [position, position + pageSize*count), as (low, high) pairs in out. */
   hashFilePages(fd: number, position: number, pageSize: number, count: number, out: Uint32Array): Promise<number>;
   /** Reads pages indices[0..count) of a file back to back into out (contiguous pages in one pread). */
@@ -83,8 +89,12 @@ interface FerryNative {
     meta: Uint32Array,
     rawRuns?: Uint8Array,
   ): Promise<number>;
-  /** Decodes a batch from encodePages into the file at each page's place; fills the XXH64 of each written page into meta. */
-  applyPages(fd: number, pageSize: number, count: number, indices: Uint32Array, payload: Uint8Array, meta: Uint32Array): Promise<number>;
+  /**
+   * Decodes a batch from encodePages into the file at each page's place; fills the XXH64 of each written page
+   * into meta. `held` (the digests of what the file holds, by page number) lets zero pages already zero there
+   * go unwritten.
+   */
+  applyPages(fd: number, pageSize: number, count: number, indices: Uint32Array, payload: Uint8Array, meta: Uint32Array, held?: Uint32Array): Promise<number>;
 }
 
 const require = createRequire(import.meta.url);

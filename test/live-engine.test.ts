@@ -7,6 +7,7 @@ import { CLARK_WORKLOADS, hotSetModel, uniformModel, writePages } from '../src/l
 import { LivePageKind } from '../src/live/protocol.js';
 import { PageLedger, digestFilePages, subtractPages, unionPages } from '../src/live/ledger.js';
 import { PageHashTracker } from '../src/live/dirty/page-hash.js';
+import { RateLimiter, VirtualClock } from '../src/live/clock.js';
 import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -59,12 +60,15 @@ describe('migration policy', () => {
     const policy = new MigrationPolicy({ initialBandwidth: 64 * MiB, maxBandwidth: 256 * MiB, maxDowntimeMs: 1 });
     expect(policy.currentRate).toBe(64 * MiB);
     // 100 MiB/s of RAM dirtied at 2 KiB per 4 KiB page on the wire: 50 MiB/s of wire, × 1.5 headroom = 75.
-    const d1 = policy.decide(observation({ dirtyRate: 100 * MiB, wireBytesPerPage: 2048 }));
+    const d1 = policy.decide(observation({ dirtyRate: 100 * MiB, wireBytesPerPage: 2048, rate: 64 * MiB }));
     expect(d1.action).toBe('continue');
     expect(policy.currentRate).toBeCloseTo(75 * MiB, -3);
-    policy.decide(observation({ dirtyRate: 1000 * MiB, wireBytesPerPage: 4096 }));
+    // The limiter ramped the round up to 90 MiB/s: the next round starts there.
+    policy.decide(observation({ dirtyRate: 10 * MiB, rate: 90 * MiB }));
+    expect(policy.currentRate).toBe(90 * MiB);
+    policy.decide(observation({ dirtyRate: 1000 * MiB, wireBytesPerPage: 4096, rate: 90 * MiB }));
     expect(policy.currentRate).toBe(256 * MiB);
-    policy.decide(observation({ dirtyRate: 1 * MiB }));
+    policy.decide(observation({ dirtyRate: 1 * MiB, rate: 256 * MiB }));
     expect(policy.currentRate).toBe(256 * MiB);
     policy.update({ maxBandwidth: 32 * MiB });
     expect(policy.currentRate).toBe(32 * MiB);
@@ -77,12 +81,26 @@ describe('migration policy', () => {
     const stalled = observation({ roundWireBytes: 100 * MiB, wireBytesPerPage: PAGE, remainingPages: 25_000, roundSeconds: 2, busySeconds: 0.5, dirtyRate: 10 * MiB, rate: 64 * MiB });
     policy.decide(stalled);
     expect(policy.currentRate).toBe(128 * MiB);
-    policy.decide(stalled);
+    policy.decide({ ...stalled, rate: 128 * MiB });
     expect(policy.currentRate).toBe(200 * MiB);
     // A round that made headway keeps the rate.
     const progressing = new MigrationPolicy({ initialBandwidth: 64 * MiB, maxDowntimeMs: 1 });
     progressing.decide({ ...stalled, remainingPages: 5_000 });
     expect(progressing.currentRate).toBe(64 * MiB);
+  });
+
+  it('takes a fitting switchover only once the dirty set stops halving', () => {
+    const policy = new MigrationPolicy({ maxDowntimeMs: 300 });
+    // The first fit has nothing to compare with: taken, as QEMU does.
+    expect(policy.decide(observation({ remainingPages: 10_000 })).action).toBe('switchover');
+    const shrinking = new MigrationPolicy({ maxDowntimeMs: 300 });
+    expect(shrinking.decide(observation({ remainingPages: 200_000 })).action).toBe('continue');
+    // 200 000 → 10 000 fits, but another round of those 10 000 may well leave far fewer.
+    const d = shrinking.decide(observation({ remainingPages: 10_000 }));
+    expect(d.action).toBe('continue');
+    expect(d.reason).toMatch(/still shrinking/);
+    // 10 000 → 8 000: the guest keeps up with the sender; switch over.
+    expect(shrinking.decide(observation({ remainingPages: 8_000 })).action).toBe('switchover');
   });
 
   it('gives up after the round cap and after sending 3× RAM', () => {
@@ -212,6 +230,53 @@ describe('page encoding (native)', () => {
     expect(Array.from(rawRuns).filter((_, page) => page !== 5)).toEqual(new Array(15).fill(0));
   });
 
+  it('evicts a cached page that went raw twice in a row, and caches it again on its retry turn', async () => {
+    const cache = Buffer.alloc(4 * PAGE);
+    const tags = new Int32Array(4).fill(-1);
+    const out = Buffer.alloc(PAGE);
+    const meta = new Uint32Array(4);
+    const rawRuns = new Uint8Array(16);
+    const send = () => native.encodePages(randomFillSync(Buffer.alloc(PAGE)), PAGE, 1, Uint32Array.of(5), cache, tags, true, 1, out, meta, rawRuns);
+    await send();
+    expect(tags[1]).toBe(5); // cached on its first raw send
+    await send();
+    expect(meta[0]).toBe(LivePageKind.Raw);
+    expect(tags[1]).toBe(-1); // rewritten whole twice: its delta will not pay
+    for (let sends = 3; sends < 8; sends++) await send();
+    expect(tags[1]).toBe(-1);
+    await send(); // the 8th raw send in a row is a retry turn
+    expect(rawRuns[5]).toBe(8);
+    expect(tags[1]).toBe(5);
+  });
+
+  it('leaves a zero page unwritten where the file already holds zeroes, and writes raw runs whole', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-apply-'));
+    const file = await open(join(dir, 'ram'), 'w+');
+    try {
+      await file.truncate(64 * PAGE);
+      const held = new Uint32Array(64 * 2);
+      await digestFilePages(file.fd, PAGE, 64, held);
+      const pages = Uint32Array.of(10, 11, 12, 40);
+      const src = Buffer.alloc(4 * PAGE);
+      randomFillSync(src, 0, 3 * PAGE); // 10, 11, 12 random: raw, consecutive; 40 zero
+      const out = Buffer.alloc(4 * PAGE);
+      const meta = new Uint32Array(16);
+      const bytes = await native.encodePages(src, PAGE, 4, pages, Buffer.alloc(0), new Int32Array(0), false, 1, out, meta);
+      expect([meta[0], meta[4], meta[8], meta[12]]).toEqual([LivePageKind.Raw, LivePageKind.Raw, LivePageKind.Raw, LivePageKind.Zero]);
+      const applyMeta = meta.slice();
+      await native.applyPages(file.fd, PAGE, 4, pages, out.subarray(0, bytes), applyMeta, held);
+      expect(applyMeta).toEqual(meta); // same digests on both sides
+      const back = Buffer.alloc(3 * PAGE);
+      await file.read(back, 0, 3 * PAGE, 10 * PAGE);
+      expect(back.equals(src.subarray(0, 3 * PAGE))).toBe(true);
+      // Only pages 10–12 hold data: page 40 stayed a hole.
+      expect(Array.from(native.dataSegments(file.fd, 0, 64 * PAGE, 16))).toEqual([10 * PAGE, 13 * PAGE, 64 * PAGE]);
+    } finally {
+      await file.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
   it('measures encoding ratios on synthetic pages: first sends about half a page, deltas far less', async () => {
     const { compressRatio, deltaRatio } = await measureEncoding(PAGE, 256);
     expect(compressRatio).toBeGreaterThan(0.3);
@@ -260,6 +325,49 @@ describe('dirty tracking by page hashes', () => {
       await file.close();
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('dirty tracking without reading holes or known pages', () => {
+  it('digests holes as zero pages without allocating them, and leaves known pages out', async () => {
+    // On tmpfs, as guest RAM files are: reading a hole through a shared mapping there would allocate it.
+    const dir = await mkdtemp(join('/dev/shm', 'ferry-page-hash-'));
+    const pageCount = 1024;
+    const file = await open(join(dir, 'ram'), 'w+');
+    try {
+      await file.truncate(pageCount * PAGE);
+      const ledger = new PageLedger(pageCount);
+      await digestFilePages(file.fd, PAGE, pageCount, ledger.digests);
+      const tracker = new PageHashTracker(file.fd, PAGE, pageCount);
+      await tracker.start(ledger);
+      for (const page of [5, 7, 900]) await file.write(randomFillSync(Buffer.alloc(PAGE)), 0, PAGE, page * PAGE);
+      // Page 5 is known dirty: not read, not reported.
+      expect(Array.from(await tracker.collect(undefined, Uint32Array.of(5)))).toEqual([7, 900]);
+      // The pass read no hole: the file holds data only where it was written.
+      expect(Array.from(native.dataSegments(file.fd, 0, pageCount * PAGE, 16))).toEqual([5 * PAGE, 6 * PAGE, 7 * PAGE, 8 * PAGE, 900 * PAGE, 901 * PAGE, pageCount * PAGE]);
+      // Not sent, so still dirty once it is examined.
+      expect(Array.from(await tracker.collect())).toEqual([5, 7, 900]);
+      await tracker.close();
+    } finally {
+      await file.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('rate limiter', () => {
+  it('ramps a rate that holds the sender back up to its ceiling, and holds a rate without one', async () => {
+    const clock = new VirtualClock();
+    const limiter = new RateLimiter(clock);
+    limiter.setRate(64 * MiB, 256 * MiB);
+    for (let i = 0; i < 2000; i++) await limiter.consume(MiB);
+    expect(limiter.currentRate).toBe(256 * MiB);
+    // 2000 MiB at a rate rising 1.25× per 100 ms from 64 to 256 MiB/s: well under 2000/64 s.
+    expect(clock.now()).toBeLessThan(10_000);
+    expect(clock.now()).toBeGreaterThan((2000 / 256) * 1000);
+    limiter.setRate(64 * MiB);
+    for (let i = 0; i < 100; i++) await limiter.consume(MiB);
+    expect(limiter.currentRate).toBe(64 * MiB);
   });
 });
 

@@ -24,12 +24,21 @@ export class VirtualClock implements Clock {
   }
 }
 
+/** While the rate holds the sender back, it rises by this factor every RAMP_INTERVAL_MS, up to its ceiling. */
+const RAMP_FACTOR = 1.25;
+const RAMP_INTERVAL_MS = 100;
+
 /**
  * Holds the sender to a rate (bytes per second) with a token bucket that allows a 20 ms burst. Records
  * the time it spent waiting, so the engine can tell link capacity (busy time) from imposed pacing.
+ * Given a ceiling above the rate, it ramps up as TCP's slow start does, but per time rather than per round
+ * trip: a sender held back by the rate for RAMP_INTERVAL_MS gets RAMP_FACTOR more. The first round of a
+ * migration then starts moderate without lasting seconds at a rate far below what the link carries.
  */
 export class RateLimiter implements Pacer {
   private rate = Infinity;
+  private ceiling = Infinity;
+  private lastRaise: number;
   private allowance = 0;
   private last: number;
   /** Milliseconds spent waiting since the last takeWaited(). */
@@ -37,11 +46,15 @@ export class RateLimiter implements Pacer {
 
   constructor(private readonly clock: Clock) {
     this.last = clock.now();
+    this.lastRaise = this.last;
   }
 
-  setRate(bytesPerSecond: number): void {
+  /** Holds the sender to `bytesPerSecond`, which may ramp up to `ceiling` while it holds the sender back. */
+  setRate(bytesPerSecond: number, ceiling = bytesPerSecond): void {
     this.refill();
     this.rate = bytesPerSecond;
+    this.ceiling = Math.max(bytesPerSecond, ceiling);
+    this.lastRaise = this.clock.now();
     this.allowance = Math.min(this.allowance, this.burst());
   }
 
@@ -54,6 +67,11 @@ export class RateLimiter implements Pacer {
     this.refill();
     this.allowance -= bytes;
     if (this.allowance < 0) {
+      const now = this.clock.now();
+      if (this.rate < this.ceiling && now - this.lastRaise >= RAMP_INTERVAL_MS) {
+        this.rate = Math.min(this.ceiling, this.rate * RAMP_FACTOR);
+        this.lastRaise = now;
+      }
       const ms = (-this.allowance / this.rate) * 1000;
       this.waited += ms;
       await this.clock.sleep(ms);

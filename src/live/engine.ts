@@ -74,7 +74,7 @@ export class FerryMigration extends MigrationController {
 
   update(change: MigrationUpdate): void {
     this.policy.update(change);
-    if (change.maxBandwidth !== undefined) this.limiter.setRate(Math.min(this.limiter.currentRate, change.maxBandwidth));
+    if (change.maxBandwidth !== undefined) this.limiter.setRate(Math.min(this.limiter.currentRate, change.maxBandwidth), change.maxBandwidth);
   }
 
   forceComplete(): void {
@@ -139,7 +139,7 @@ export class FerryMigration extends MigrationController {
       let lastCollect = clock.now();
       for (;;) {
         this.round++;
-        this.limiter.setRate(this.policy.currentRate);
+        this.limiter.setRate(this.policy.currentRate, this.policy.current.maxBandwidth);
         this.limiter.takeWaited();
         const roundStart = clock.now();
         const sent = await transport.sendPages(pending, pending.length, this.round, this.pacer(), () => this.abortRequested || this.policy.forceRequested, this.ledger);
@@ -282,7 +282,7 @@ export class FerryMigration extends MigrationController {
       while (upTo < pending.length && pending[upTo] < end) upTo++;
       queue(subtractPages(found, pending.subarray(next, upTo)));
       next = upTo;
-    });
+    }, pending);
     const collectMs = this.clock.now() - started;
     await sending;
     return collectMs;

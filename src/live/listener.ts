@@ -231,7 +231,7 @@ class Session {
           meta[i * 4 + 1] = kinds[i * 2 + 1];
         }
         const payload = p.subarray(4 + count * 12);
-        const applied = native.applyPages(this.fd, pageSize, count, pages, payload, meta);
+        const applied = native.applyPages(this.fd, pageSize, count, pages, payload, meta, this.ledger.digests);
         this.applying.add(applied);
         try {
           await applied;

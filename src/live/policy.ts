@@ -3,12 +3,17 @@
  * so it is tested on its own and shared by Ferry's engine and the QEMU-native mode.
  *
  * - Rate (Xen): start moderate so the host is not flooded, then raise the rate above the measured dirty
- *   rate each round, never above maxBandwidth; it never falls, so progress made is kept. A working set the
+ *   rate each round, never above maxBandwidth; it never falls, so progress made is kept. Within a round the
+ *   engine's limiter ramps it up too while it holds the sender back (clock.ts); the next round starts from
+ *   the rate reached. A working set the
  *   guest rewrites whole within a round hides its real dirty rate (a page counts once per round however
  *   often it is written), so a round held back by the rate that left about as much as it sent doubles the
  *   rate instead (TCP's slow start).
  * - Switchover (QEMU): when the remaining dirty set, the final collection and the fixed switchover work fit
- *   maxDowntime at the link bandwidth measured while the sender was busy.
+ *   maxDowntime at the link bandwidth measured while the sender was busy. Unlike QEMU, a fit is not taken
+ *   while rounds still pay: when the dirty set at least halved over the last round, one more round (of that
+ *   smaller set) shortens the pause for few bytes; when it did not, the guest rewrites its working set about
+ *   as fast as it is sent and another round only adds traffic.
  * - Give up (Xen's limits): after maxRounds, or when the wire total passes maxTransferFactor × RAM (with
  *   auto-converge, only once the throttle is at its maximum); the source keeps running.
  * - Auto-converge (QEMU's cpu-throttle): when the link is already the bottleneck and the guest dirtied more
@@ -50,6 +55,8 @@ const RATE_HEADROOM = 1.5;
 const SATURATED_BUSY_SHARE = 0.9;
 /** A round that leaves this share of the pages it sent (or more) dirty again made no headway. */
 const STALLED_SHARE = 0.9;
+/** A dirty set that shrank to less than this share of the previous one over a round is worth another round even when the switchover fits. */
+const SHRINKING_SHARE = 0.5;
 
 /** What the engine measured over one round. Rates in bytes per second. */
 export interface RoundObservation {
@@ -87,6 +94,8 @@ export class MigrationPolicy {
   private throttle = 0;
   private slowRounds = 0;
   private forced = false;
+  /** The dirty set left by the previous round, pages. */
+  private previousRemaining?: number;
 
   constructor(limits: Partial<MigrationLimits> = {}) {
     this.limits = { ...DEFAULT_LIMITS, ...limits };
@@ -138,7 +147,10 @@ export class MigrationPolicy {
   decide(o: RoundObservation): Decision {
     const expectedDowntimeMs = this.expectedDowntimeMs(o);
     if (this.forced) return { action: 'switchover', expectedDowntimeMs, forced: true, reason: 'force-complete requested' };
-    if (expectedDowntimeMs <= this.limits.maxDowntimeMs) {
+    const previousRemaining = this.previousRemaining;
+    this.previousRemaining = o.remainingPages;
+    const shrinking = previousRemaining !== undefined && o.remainingPages < SHRINKING_SHARE * previousRemaining && o.round < this.limits.maxRounds;
+    if (expectedDowntimeMs <= this.limits.maxDowntimeMs && !shrinking) {
       return { action: 'switchover', expectedDowntimeMs, forced: false, reason: `expected downtime ${expectedDowntimeMs.toFixed(0)} ms fits ${this.limits.maxDowntimeMs} ms` };
     }
     if (o.round >= this.limits.maxRounds) {
@@ -159,7 +171,7 @@ export class MigrationPolicy {
     const linkSaturated = o.rate >= this.limits.maxBandwidth || o.busySeconds >= SATURATED_BUSY_SHARE * o.roundSeconds;
     const pagesSent = o.roundWireBytes / o.wireBytesPerPage;
     const stalled = !linkSaturated && pagesSent > 0 && o.remainingPages >= STALLED_SHARE * pagesSent;
-    this.rate = Math.min(this.limits.maxBandwidth, Math.max(this.rate, dirtyWireRate * RATE_HEADROOM, stalled ? this.rate * 2 : 0));
+    this.rate = Math.min(this.limits.maxBandwidth, Math.max(this.rate, o.rate, dirtyWireRate * RATE_HEADROOM, stalled ? o.rate * 2 : 0));
 
     const dirtiedWire = dirtyWireRate * o.roundSeconds;
     const notConverging = o.roundWireBytes > 0 && dirtiedWire > THROTTLE_TRIGGER * o.roundWireBytes;
@@ -174,7 +186,10 @@ export class MigrationPolicy {
       rate: this.rate,
       throttle: this.throttle,
       expectedDowntimeMs,
-      reason: `expected downtime ${expectedDowntimeMs.toFixed(0)} ms > ${this.limits.maxDowntimeMs} ms`,
+      reason:
+        expectedDowntimeMs <= this.limits.maxDowntimeMs
+          ? `expected downtime ${expectedDowntimeMs.toFixed(0)} ms fits, but the dirty set is still shrinking`
+          : `expected downtime ${expectedDowntimeMs.toFixed(0)} ms > ${this.limits.maxDowntimeMs} ms`,
     };
   }
 }

@@ -42,8 +42,12 @@ export interface MemoryBackend {
    * trackers that compare content compare against it.
    */
   startTracking(ledger: PageLedger): Promise<void>;
-  /** The pages that may have changed since the previous collection (or since startTracking); also to `onSlice` as found. */
-  collectDirty(onSlice?: DirtySliceSink): Promise<Uint32Array>;
+  /**
+   * The pages that may have changed since the previous collection (or since startTracking); also to `onSlice`
+   * as found. `known` (sorted) are pages the caller already counts as dirty: a tracker may skip examining
+   * them and leave them out.
+   */
+  collectDirty(onSlice?: DirtySliceSink, known?: Uint32Array): Promise<Uint32Array>;
   /** Copies pages[0..count) back to back into out. */
   readPages(pages: Uint32Array, count: number, out: Buffer): Promise<void>;
   /** Stops the vCPUs; guest memory and device state no longer change until resume(). */
@@ -63,7 +67,7 @@ export interface DirtyTracker {
   /** "soft-dirty", "page-hash" or "exact" (the synthetic VM knows what it wrote). */
   readonly method: string;
   start(ledger: PageLedger): Promise<void>;
-  collect(onSlice?: DirtySliceSink): Promise<Uint32Array>;
+  collect(onSlice?: DirtySliceSink, known?: Uint32Array): Promise<Uint32Array>;
   close(): Promise<void>;
 }
 

@@ -159,8 +159,8 @@ export class QemuSharedFileSource implements MemoryBackend {
     return this.tracker.start(ledger);
   }
 
-  collectDirty(onSlice?: DirtySliceSink): Promise<Uint32Array> {
-    return this.tracker.collect(onSlice);
+  collectDirty(onSlice?: DirtySliceSink, known?: Uint32Array): Promise<Uint32Array> {
+    return this.tracker.collect(onSlice, known);
   }
 
   async readPages(pages: Uint32Array, count: number, out: Buffer): Promise<void> {

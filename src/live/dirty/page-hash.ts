@@ -1,24 +1,27 @@
 import { availableParallelism } from 'node:os';
 import { native } from '../../native.js';
-import type { PageLedger } from '../ledger.js';
+import { subtractPages, type PageLedger } from '../ledger.js';
 import type { DirtySliceSink, DirtyTracker } from '../types.js';
 
 /** Pages hashed per task: 32 MiB of 4 KiB pages, small enough for the first dirty pages to go out early. */
 const SLICE_PAGES = 8192;
 
 /**
- * Dirty pages by content: every collection digests all of guest RAM (XXH64 per page, in slices on every
- * core) and reports the pages whose digest differs from the ledger — the version the destination holds. It
- * needs nothing from the kernel, and it is exact: a page written back to the value the destination already
- * has is not resent, and one changed between its collection and its read is caught next time.
- * Cost: one pass over RAM per round, at memory speed: RAM is hashed through a shared read-only mapping of
- * the file, without copying it. Slices are reported in page order as they finish, so while paused the last
- * pages are sent during the pass rather than after it.
+ * Dirty pages by content: every collection digests guest RAM (XXH64 per page, in slices on every core) and
+ * reports the pages whose digest differs from the ledger — the version the destination holds. It needs
+ * nothing from the kernel, and it is exact: a page written back to the value the destination already has is
+ * not resent, and one changed between its collection and its read is caught next time.
+ * Cost: one pass over the RAM the guest has touched, at memory speed, through a shared read-only mapping of
+ * the file (no copy). Holes of the file (memory the guest never wrote) are known zero without being read,
+ * and pages the caller already counts as dirty are not read either: at switchover, that is the last round's
+ * dirty set, about to be sent anyway. Slices are reported in page order as they finish, so while paused the
+ * last pages are sent during the pass rather than after it.
  */
 export class PageHashTracker implements DirtyTracker {
   readonly method = 'page-hash';
   private ledger?: PageLedger;
   private readonly current: Uint32Array;
+  private readonly skip: Uint8Array;
   private memory?: Uint8Array;
 
   constructor(
@@ -27,6 +30,7 @@ export class PageHashTracker implements DirtyTracker {
     private readonly pageCount: number,
   ) {
     this.current = new Uint32Array(pageCount * 2);
+    this.skip = new Uint8Array(pageCount);
   }
 
   async start(ledger: PageLedger): Promise<void> {
@@ -34,18 +38,27 @@ export class PageHashTracker implements DirtyTracker {
     this.memory = new Uint8Array(native.mapShared(this.fd, this.pageSize * this.pageCount));
   }
 
-  async collect(onSlice?: DirtySliceSink): Promise<Uint32Array> {
-    const { ledger, memory } = this;
+  async collect(onSlice?: DirtySliceSink, known?: Uint32Array): Promise<Uint32Array> {
+    const { ledger, memory, skip } = this;
     if (!ledger || !memory) throw new Error('PageHashTracker.collect before start');
     const { pageSize, pageCount, current } = this;
+    skip.fill(0);
+    if (known) for (const page of known) skip[page] = 1;
     const slices = Math.ceil(pageCount / SLICE_PAGES);
     const hashed: Array<Promise<number>> = [];
     const hash = (i: number) => {
       const first = i * SLICE_PAGES;
       const count = Math.min(SLICE_PAGES, pageCount - first);
-      const bytes = count * pageSize;
-      const digests = new Uint8Array(current.buffer, current.byteOffset + first * 8, count * 8);
-      const done = native.hashBlocks(memory.subarray(first * pageSize, first * pageSize + bytes), bytes, pageSize, digests);
+      const start = first * pageSize;
+      const done = native.hashMappedPages(
+        memory.subarray(start, start + count * pageSize),
+        this.fd,
+        start,
+        pageSize,
+        count,
+        current.subarray(first * 2, (first + count) * 2),
+        known ? skip.subarray(first, first + count) : undefined,
+      );
       done.catch(() => undefined); // awaited in order below; a failure there must not leave the others unhandled
       return done;
     };
@@ -54,12 +67,20 @@ export class PageHashTracker implements DirtyTracker {
     for (let i = 0; i < Math.min(inFlight, slices); i++) hashed.push(hash(i));
     const found: Uint32Array[] = [];
     let total = 0;
+    let nextKnown = 0;
     for (let i = 0; i < slices; i++) {
       await hashed[i];
       if (i + inFlight < slices) hashed.push(hash(i + inFlight));
       const end = Math.min(pageCount, (i + 1) * SLICE_PAGES);
       // Compared only now, against the ledger as it stands: pages sent since the pass began count as sent.
-      const pages = ledger.differing(current, i * SLICE_PAGES, end);
+      let pages = ledger.differing(current, i * SLICE_PAGES, end);
+      if (known) {
+        // Skipped pages kept stale digests: leave them out rather than report them by chance.
+        let upTo = nextKnown;
+        while (upTo < known.length && known[upTo] < end) upTo++;
+        pages = subtractPages(pages, known.subarray(nextKnown, upTo));
+        nextKnown = upTo;
+      }
       found.push(pages);
       total += pages.length;
       onSlice?.(pages, end);

@@ -2,6 +2,7 @@
  * - sparse-file extents (SEEK_DATA/SEEK_HOLE) and hole punching
  * - read + zero detection in one thread-pool task, so the data is scanned while still in cache
  * - mapping a file range and scanning it in place, so data is copied once (into the output) instead of twice
+ * - output writes into ranges allocated just before (cheaper for the filesystem than delayed allocation)
  * - batch compression/decompression of clusters off the main thread (zlib, zstd)
  * - CRC-32C
  * - XXH64 chunk hashes (the same definition the capture agent uses on the source, native/xxh64.h)
@@ -13,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <node_api.h>
 #include "ferry_native.h"
@@ -467,6 +469,99 @@ static napi_value hash_blocks(napi_env env, napi_callback_info info) {
   t->run = run_hash_blocks;
   if (keep(env, t, argv[0]) || keep(env, t, argv[3])) return NULL;
   return queue(env, t, "ferry.hashBlocks");
+}
+
+/* ---- output writes ---- */
+
+/* Buffers per writeAllocated call at most (the output lane merges up to 64 writes). */
+#define MAX_WRITE_BUFFERS 256
+
+typedef struct {
+  task base; /* first, so complete() frees the whole struct */
+  int count;
+  struct iovec iov[];
+} write_task;
+
+/* The range is allocated first (unwritten extents, the file size unchanged): a buffered write into
+ * allocated blocks skips the filesystem's delayed-allocation bookkeeping for every block, a third of the
+ * kernel's cost of the write on ext4 (measured: 1.28 GiB in 0.20 s, 0.13 s with the range allocated).
+ * Where fallocate is not supported the write goes ahead as it is. */
+static void run_write_allocated(task *t) {
+  write_task *wt = (write_task *)t;
+  size_t total = 0;
+  for (int i = 0; i < wt->count; i++) total += wt->iov[i].iov_len;
+  if (total) fallocate(t->fd, FALLOC_FL_KEEP_SIZE, t->pos, (off_t)total);
+  struct iovec *iov = wt->iov;
+  int count = wt->count;
+  int64_t pos = t->pos;
+  while (count > 0) {
+    ssize_t n = pwritev(t->fd, iov, count, pos);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      t->err = errno;
+      return;
+    }
+    if (n == 0) {
+      t->err = EIO;
+      return;
+    }
+    pos += n;
+    t->bytes += (size_t)n;
+    while (count > 0 && (size_t)n >= iov->iov_len) {
+      n -= (ssize_t)iov->iov_len;
+      iov++;
+      count--;
+    }
+    if (count > 0 && n > 0) {
+      iov->iov_base = (uint8_t *)iov->iov_base + n;
+      iov->iov_len -= (size_t)n;
+    }
+  }
+}
+
+/* writeAllocated(fd, buffers: Uint8Array[], position) -> Promise<number>
+ * Writes the buffers back to back at `position`, all of them, into a range allocated beforehand. */
+static napi_value write_allocated(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  bool is_array = false;
+  uint32_t count = 0;
+  if (argc < 3 || napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, argv[1], &count) != napi_ok || count == 0 || count > MAX_WRITE_BUFFERS) {
+    napi_throw_type_error(env, NULL, "writeAllocated: 1 to 256 buffers expected");
+    return NULL;
+  }
+  write_task *wt = calloc(1, sizeof *wt + count * sizeof(struct iovec));
+  if (!wt) {
+    napi_throw_error(env, "ERR_FERRY_NATIVE", "out of memory");
+    return NULL;
+  }
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value item;
+    uint8_t *p;
+    size_t len;
+    if (napi_get_element(env, argv[1], i, &item) != napi_ok || arg_buffer(env, item, &p, &len)) {
+      free(wt);
+      napi_throw_type_error(env, NULL, "writeAllocated: buffers expected");
+      return NULL;
+    }
+    wt->iov[i].iov_base = p;
+    wt->iov[i].iov_len = len;
+  }
+  task *t = &wt->base;
+  wt->count = (int)count;
+  t->fd = (int)arg_i64(env, argv[0]);
+  t->pos = arg_i64(env, argv[2]);
+  if (t->pos < 0) {
+    free(wt);
+    napi_throw_range_error(env, NULL, "writeAllocated: negative position");
+    return NULL;
+  }
+  t->run = run_write_allocated;
+  /* The array holds every buffer: referencing it keeps them all alive until the write is done. */
+  if (keep(env, t, argv[1]) != 0) return NULL;
+  return queue(env, t, "ferry.writeAllocated");
 }
 
 /* ---- synchronous helpers ---- */
@@ -1118,6 +1213,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"isZero", NULL, is_zero, NULL, NULL, NULL, napi_default, NULL},
       {"hashFilePages", NULL, hash_file_pages, NULL, NULL, NULL, napi_default, NULL},
       {"hashMappedPages", NULL, hash_mapped_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"writeAllocated", NULL, write_allocated, NULL, NULL, NULL, napi_default, NULL},
       {"preadPages", NULL, pread_pages, NULL, NULL, NULL, napi_default, NULL},
       {"encodePages", NULL, encode_pages, NULL, NULL, NULL, napi_default, NULL},
       {"applyPages", NULL, apply_pages, NULL, NULL, NULL, napi_default, NULL},

@@ -44,6 +44,12 @@ interface FerryNative {
   decompressBlocks(codec: Codec, src: Buffer, triples: Float64Array, dst: Buffer, blockSize: number): Promise<number>;
   dataSegments(fd: number, start: number, end: number, maxSegments: number): Float64Array;
   punchHole(fd: number, offset: number, length: number): boolean;
+  /**
+   * Writes the buffers (1 to 256) back to back at `position`, all of them, after allocating the range
+   * (fallocate, file size unchanged) so that the buffered write skips delayed allocation. Resolves to the
+   * bytes written. The buffers and the array must not change until it settles.
+   */
+  writeAllocated(fd: number, buffers: Uint8Array[], position: number): Promise<number>;
   crc32c(data: Uint8Array, initial?: number): number;
   isZero(data: Uint8Array): boolean;
   /**

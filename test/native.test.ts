@@ -21,6 +21,22 @@ describe('native helpers', () => {
     expect(Array.from(seg)).toEqual([8 * 1024 * 1024, 8 * 1024 * 1024 + 4096, 32 * 1024 * 1024, 32 * 1024 * 1024 + 8192, 64 * 1024 * 1024]);
   });
 
+  it('writes buffers back to back into an allocated range, extending the file and leaving holes elsewhere', async () => {
+    const h = await open(join(dir, 'allocated'), 'w+');
+    const MiB = 1024 * 1024;
+    const parts = [Buffer.alloc(MiB, 1), Buffer.alloc(4096, 2), Buffer.alloc(100, 3)];
+    expect(await native.writeAllocated(h.fd, parts, 8 * MiB)).toBe(MiB + 4196);
+    const { size } = await h.stat();
+    expect(size).toBe(8 * MiB + MiB + 4196);
+    const back = Buffer.alloc(MiB + 4196);
+    await h.read(back, 0, back.length, 8 * MiB);
+    expect(back.equals(Buffer.concat(parts))).toBe(true);
+    // Only the written range was allocated: the first 8 MiB are still a hole.
+    expect(native.dataSegments(h.fd, 0, size, 10)[0]).toBe(8 * MiB);
+    expect(() => native.writeAllocated(h.fd, [], 0)).toThrow(/buffers expected/);
+    await h.close();
+  });
+
   it('reports where to resume when the segment limit is reached', async () => {
     const path = join(dir, 'many');
     const h = await open(path, 'w+');

@@ -13,6 +13,7 @@ PACKAGES=(
   "redis-server:redis-server"    # BullMQ queues: tests start their own server on a free loopback port
   "openssh-server:/usr/sbin/sshd" # capture tests start their own sshd on a free loopback port
   "openssh-client:ssh-keygen"
+  "sudo:sudo"                    # capture tests: an unprivileged login reading the source through sudo
   "chromium:chromium"            # the dashboard's browser test (driven by playwright-core, no browser download)
   "make:make"
   "g++:g++"

@@ -247,6 +247,16 @@ export class AgentChannel {
     if (cause instanceof ProtocolError && !cause.message.includes('closed in the middle')) return cause;
     if (cause instanceof SourceConnectionError || cause instanceof AgentError) return cause;
     const said = this.stderrTail.trim();
+    const sudoSaid = said
+      .split('\n')
+      .reverse()
+      .find((line) => line.startsWith('sudo: '));
+    if (sudoSaid) {
+      return new SourceConnectionError(
+        `${this.streams.where}: sudo would not run Ferry's agent as root (${sudoSaid.trim()}): the login user needs sudo rights, and --password-env when sudo asks for a password`,
+        { cause },
+      );
+    }
     return new SourceConnectionError(
       `${this.streams.where}: the connection to the agent was lost${said ? ` (agent said: ${said.split('\n').slice(-3).join(' ')})` : ''}`,
       { cause },

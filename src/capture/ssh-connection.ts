@@ -167,15 +167,22 @@ export class SshConnection {
       this.client.exec(line, (err, ch) => (err ? reject(new SourceConnectionError(`${describeTarget(this.target, '')}: cannot run a command: ${err.message}`, { cause: err })) : resolve(ch)));
     });
     if (sudo && this.password !== undefined) {
-      // sudo reads the password a byte at a time, so nothing after the newline reaches the command.
+      // sudo reads the password a byte at a time, so nothing after the newline reaches the command. It is
+      // given once: asked again, it was wrong, and sudo gets end of input rather than a wait forever.
       const password = this.password;
       let seen = '';
+      let answered = false;
       const onPrompt = (d: Buffer) => {
         seen = (seen + d.toString('utf8')).slice(-SUDO_PROMPT.length * 2);
-        if (seen.includes(SUDO_PROMPT)) {
+        if (!seen.includes(SUDO_PROMPT)) return;
+        seen = '';
+        if (answered) {
           channel.stderr.off('data', onPrompt);
-          channel.write(password + '\n');
+          channel.end();
+          return;
         }
+        answered = true;
+        channel.write(password + '\n');
       };
       channel.stderr.on('data', onPrompt);
     }

@@ -1,5 +1,5 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -36,11 +36,19 @@ export function freePort(): Promise<number> {
   });
 }
 
+export interface SshdOptions {
+  /**
+   * Let accounts other than root in too: by the same key (the key file is made readable to them, since
+   * sshd reads it as the user) or by password.
+   */
+  otherUsers?: boolean;
+}
+
 /**
  * Starts the system's OpenSSH server on a free loopback port with freshly generated host and user keys,
  * configured only for this test (root login by key, no PAM). Tests run as root, as in CI.
  */
-export async function startSshd(): Promise<TestSshd> {
+export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
   requireTool('/usr/sbin/sshd', 'openssh-server');
   requireTool('ssh-keygen', 'openssh-client');
   const { dir, cleanup } = await tempDir('ferry-sshd-');
@@ -48,7 +56,8 @@ export async function startSshd(): Promise<TestSshd> {
   const userKey = join(dir, 'user_ed25519');
   await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', hostKey]);
   await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', userKey]);
-  await writeFile(join(dir, 'authorized_keys'), await readFile(`${userKey}.pub`), { mode: 0o600 });
+  await writeFile(join(dir, 'authorized_keys'), await readFile(`${userKey}.pub`), { mode: options.otherUsers ? 0o644 : 0o600 });
+  if (options.otherUsers) await chmod(dir, 0o755);
   // sshd refuses to start without its privilege separation directory.
   await mkdir('/run/sshd', { recursive: true, mode: 0o755 });
   const port = await freePort();
@@ -65,7 +74,7 @@ export async function startSshd(): Promise<TestSshd> {
       'UsePAM no',
       'StrictModes no',
       'PermitRootLogin yes',
-      'PasswordAuthentication no',
+      `PasswordAuthentication ${options.otherUsers ? 'yes' : 'no'}`,
       'KbdInteractiveAuthentication no',
       'MaxSessions 20',
       `SetEnv TMPDIR=${tmpDir}`,

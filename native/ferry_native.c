@@ -10,6 +10,7 @@
  * pay one promise per multi-megabyte batch, never one per block. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,18 @@
       return NULL;                                                           \
     }                                                                        \
   } while (0)
+
+/* Fetches the first n arguments into argv, those not passed reading as undefined, and how many were passed
+ * when `passed` is not NULL; false with an exception pending when N-API fails. */
+static bool get_args(napi_env env, napi_callback_info info, size_t n, napi_value *argv, size_t *passed) {
+  size_t argc = n;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) {
+    napi_throw_error(env, "ERR_FERRY_NATIVE", "native call failed: napi_get_cb_info(env, info, &argc, argv, NULL, NULL)");
+    return false;
+  }
+  if (passed) *passed = argc;
+  return true;
+}
 
 static int64_t arg_i64(napi_env env, napi_value v) {
   int64_t out = 0;
@@ -52,6 +65,20 @@ static int arg_buffer(napi_env env, napi_value v, uint8_t **data, size_t *len) {
     return 0;
   }
   return -1;
+}
+
+/* arg_buffer for an optional argument: undefined (or not passed) is accepted and leaves *data untouched. */
+static int arg_optional_buffer(napi_env env, napi_value v, uint8_t **data, size_t *len) {
+  napi_valuetype type;
+  if (napi_typeof(env, v, &type) == napi_ok && type == napi_undefined) return 0;
+  return arg_buffer(env, v, data, len);
+}
+
+/* arg_buffer that throws the TypeError `message` itself (false then), for calls with no task to free first. */
+static bool require_buffer(napi_env env, napi_value v, uint8_t **data, size_t *len, const char *message) {
+  if (arg_buffer(env, v, data, len) == 0) return true;
+  napi_throw_type_error(env, NULL, message);
+  return false;
 }
 
 /* Encodes zero detection as alternating run lengths starting with a data run:
@@ -195,8 +222,28 @@ static napi_value queue(napi_env env, task *t, const char *name) {
   return promise;
 }
 
-static int keep(napi_env env, task *t, napi_value v) {
-  return napi_create_reference(env, v, 1, &t->refs[t->nrefs++]) == napi_ok ? 0 : -1;
+/* Holds the n values that follow (a NULL one is an optional argument not given) until the task completes, so the
+ * worker thread can use their memory; false when one could not be held. */
+static bool keep(napi_env env, task *t, int n, ...) {
+  va_list values;
+  va_start(values, n);
+  bool kept = true;
+  for (int i = 0; i < n && kept; i++) {
+    napi_value v = va_arg(values, napi_value);
+    if (v) kept = napi_create_reference(env, v, 1, &t->refs[t->nrefs++]) == napi_ok;
+  }
+  va_end(values);
+  return kept;
+}
+
+typedef napi_status (*error_thrower)(napi_env env, const char *code, const char *message);
+
+/* Frees a task that will not be queued and throws `message` with `throw_error` (napi_throw_type_error, ...);
+ * returns NULL for the call to return. */
+static napi_value abandon(napi_env env, void *t, error_thrower throw_error, const char *message) {
+  free(t);
+  throw_error(env, NULL, message);
+  return NULL;
 }
 
 /* ---- read + scan ---- */
@@ -231,27 +278,19 @@ static void run_pread_scan(task *t) {
 
 /* preadScan(fd, buffer, length, position, granularity) -> Promise<{bytesRead, runs}> */
 static napi_value pread_scan(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
   napi_value argv[5];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 5, argv, NULL)) return NULL;
   task *t = calloc(1, sizeof *t);
   size_t cap;
-  if (!t || arg_buffer(env, argv[1], &t->buf, &cap) != 0) {
-    free(t);
-    napi_throw_type_error(env, NULL, "preadScan: buffer expected");
-    return NULL;
-  }
+  if (!t || arg_buffer(env, argv[1], &t->buf, &cap))
+    return abandon(env, t, napi_throw_type_error, "preadScan: buffer expected");
   t->fd = (int)arg_i64(env, argv[0]);
   t->len = (size_t)arg_i64(env, argv[2]);
   t->pos = arg_i64(env, argv[3]);
   t->gran = (size_t)arg_i64(env, argv[4]);
-  if (t->len > cap) {
-    free(t);
-    napi_throw_range_error(env, NULL, "preadScan: length exceeds buffer");
-    return NULL;
-  }
+  if (t->len > cap) return abandon(env, t, napi_throw_range_error, "preadScan: length exceeds buffer");
   t->run = run_pread_scan;
-  if (keep(env, t, argv[1]) != 0) return NULL;
+  if (!keep(env, t, 1, argv[1])) return NULL;
   return queue(env, t, "ferry.preadScan");
 }
 
@@ -261,25 +300,17 @@ static void run_scan(task *t) {
 
 /* scanZeroes(buffer, length, granularity) -> Promise<{bytesRead, runs}> */
 static napi_value scan_zeroes(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 3, argv, NULL)) return NULL;
   task *t = calloc(1, sizeof *t);
   size_t cap;
-  if (!t || arg_buffer(env, argv[0], &t->buf, &cap) != 0) {
-    free(t);
-    napi_throw_type_error(env, NULL, "scanZeroes: buffer expected");
-    return NULL;
-  }
+  if (!t || arg_buffer(env, argv[0], &t->buf, &cap))
+    return abandon(env, t, napi_throw_type_error, "scanZeroes: buffer expected");
   t->len = (size_t)arg_i64(env, argv[1]);
   t->gran = (size_t)arg_i64(env, argv[2]);
-  if (t->len > cap) {
-    free(t);
-    napi_throw_range_error(env, NULL, "scanZeroes: length exceeds buffer");
-    return NULL;
-  }
+  if (t->len > cap) return abandon(env, t, napi_throw_range_error, "scanZeroes: length exceeds buffer");
   t->run = run_scan;
-  if (keep(env, t, argv[0]) != 0) return NULL;
+  if (!keep(env, t, 1, argv[0])) return NULL;
   return queue(env, t, "ferry.scanZeroes");
 }
 
@@ -311,9 +342,8 @@ static void run_map_scan(task *t) {
 /* mapScanned(fd, position, length, granularity) -> Promise<{bytesRead, runs, buffer} | null>
  * buffer is a read-only view of the file's page cache; null when the range is not wholly inside the file. */
 static napi_value map_scanned(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
   napi_value argv[4];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 4, argv, NULL)) return NULL;
   task *t = calloc(1, sizeof *t);
   if (!t) {
     napi_throw_error(env, NULL, "mapScanned: out of memory");
@@ -323,11 +353,7 @@ static napi_value map_scanned(napi_env env, napi_callback_info info) {
   t->pos = arg_i64(env, argv[1]);
   t->len = (size_t)arg_i64(env, argv[2]);
   t->gran = (size_t)arg_i64(env, argv[3]);
-  if (t->len == 0 || t->pos < 0) {
-    free(t);
-    napi_throw_range_error(env, NULL, "mapScanned: empty or negative range");
-    return NULL;
-  }
+  if (t->len == 0 || t->pos < 0) return abandon(env, t, napi_throw_range_error, "mapScanned: empty or negative range");
   t->run = run_map_scan;
   return queue(env, t, "ferry.mapScanned");
 }
@@ -335,9 +361,8 @@ static napi_value map_scanned(napi_env env, napi_callback_info info) {
 /* releaseMapping(buffer): unmaps a mapScanned buffer now instead of at garbage collection, so mapped
  * pages do not pile up in the process; every view of it becomes empty. */
 static napi_value release_mapping(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1], ab;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 1, argv, NULL)) return NULL;
   napi_typedarray_type type;
   size_t length, offset;
   void *data;
@@ -363,18 +388,14 @@ static void run_compress(task *t) {
 /* compressBlocks(codec, level, src, blockSize, count, out, outStride, capacity, sizes) -> Promise<void>
  * Block i is compressed to out[i*outStride], at most `capacity` bytes; sizes[i] = 0 when it did not fit. */
 static napi_value compress_blocks(napi_env env, napi_callback_info info) {
-  size_t argc = 9;
   napi_value argv[9];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 9, argv, NULL)) return NULL;
   task *t = calloc(1, sizeof *t);
   size_t src_len, out_len, sizes_len;
   uint8_t *sizes_p;
   if (!t || arg_buffer(env, argv[2], &t->buf, &src_len) || arg_buffer(env, argv[5], &t->out, &out_len) ||
-      arg_buffer(env, argv[8], &sizes_p, &sizes_len)) {
-    free(t);
-    napi_throw_type_error(env, NULL, "compressBlocks: buffers expected");
-    return NULL;
-  }
+      arg_buffer(env, argv[8], &sizes_p, &sizes_len))
+    return abandon(env, t, napi_throw_type_error, "compressBlocks: buffers expected");
   t->codec = (int)arg_i64(env, argv[0]);
   t->level = (int)arg_i64(env, argv[1]);
   t->cluster = (size_t)arg_i64(env, argv[3]);
@@ -383,13 +404,10 @@ static napi_value compress_blocks(napi_env env, napi_callback_info info) {
   t->capacity = (size_t)arg_i64(env, argv[7]);
   t->sizes = (uint32_t *)sizes_p;
   if (t->cluster * t->count > src_len || t->out_stride * t->count > out_len || t->count * 4 > sizes_len ||
-      t->capacity > t->out_stride) {
-    free(t);
-    napi_throw_range_error(env, NULL, "compressBlocks: buffers too small");
-    return NULL;
-  }
+      t->capacity > t->out_stride)
+    return abandon(env, t, napi_throw_range_error, "compressBlocks: buffers too small");
   t->run = run_compress;
-  if (keep(env, t, argv[2]) || keep(env, t, argv[5]) || keep(env, t, argv[8])) return NULL;
+  if (!keep(env, t, 3, argv[2], argv[5], argv[8])) return NULL;
   return queue(env, t, "ferry.compressBlocks");
 }
 
@@ -411,24 +429,20 @@ static void run_decompress(task *t) {
 
 /* decompressBlocks(codec, src, triples: Float64Array[srcOff, srcLen, dstOff]*, dst, blockSize) -> Promise<void> */
 static napi_value decompress_blocks(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
   napi_value argv[5];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 5, argv, NULL)) return NULL;
   task *t = calloc(1, sizeof *t);
   size_t triples_len;
   uint8_t *triples_p;
   if (!t || arg_buffer(env, argv[1], &t->buf, &t->len) || arg_buffer(env, argv[2], &triples_p, &triples_len) ||
-      arg_buffer(env, argv[3], &t->out, &t->out_stride)) {
-    free(t);
-    napi_throw_type_error(env, NULL, "decompressBlocks: buffers expected");
-    return NULL;
-  }
+      arg_buffer(env, argv[3], &t->out, &t->out_stride))
+    return abandon(env, t, napi_throw_type_error, "decompressBlocks: buffers expected");
   t->codec = (int)arg_i64(env, argv[0]);
   t->triples = (double *)triples_p;
   t->ntriples = triples_len / (3 * sizeof(double));
   t->cluster = (size_t)arg_i64(env, argv[4]);
   t->run = run_decompress;
-  if (keep(env, t, argv[1]) || keep(env, t, argv[2]) || keep(env, t, argv[3])) return NULL;
+  if (!keep(env, t, 3, argv[1], argv[2], argv[3])) return NULL;
   return queue(env, t, "ferry.decompressBlocks");
 }
 
@@ -448,26 +462,19 @@ static void run_hash_blocks(task *t) {
  * XXH64 of each blockSize piece of buffer[0, length) (the last may be shorter), as 8 little-endian bytes
  * per piece into out. */
 static napi_value hash_blocks(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
   napi_value argv[4];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 4, argv, NULL)) return NULL;
   task *t = calloc(1, sizeof *t);
   size_t cap, out_len;
-  if (!t || arg_buffer(env, argv[0], &t->buf, &cap) || arg_buffer(env, argv[3], &t->out, &out_len)) {
-    free(t);
-    napi_throw_type_error(env, NULL, "hashBlocks: buffers expected");
-    return NULL;
-  }
+  if (!t || arg_buffer(env, argv[0], &t->buf, &cap) || arg_buffer(env, argv[3], &t->out, &out_len))
+    return abandon(env, t, napi_throw_type_error, "hashBlocks: buffers expected");
   int64_t len = arg_i64(env, argv[1]), block = arg_i64(env, argv[2]);
-  if (len < 0 || block <= 0 || (size_t)len > cap || ((size_t)len + (size_t)block - 1) / (size_t)block * 8 > out_len) {
-    free(t);
-    napi_throw_range_error(env, NULL, "hashBlocks: length, block size or output buffer out of range");
-    return NULL;
-  }
+  if (len < 0 || block <= 0 || (size_t)len > cap || ((size_t)len + (size_t)block - 1) / (size_t)block * 8 > out_len)
+    return abandon(env, t, napi_throw_range_error, "hashBlocks: length, block size or output buffer out of range");
   t->len = (size_t)len;
   t->cluster = (size_t)block;
   t->run = run_hash_blocks;
-  if (keep(env, t, argv[0]) || keep(env, t, argv[3])) return NULL;
+  if (!keep(env, t, 2, argv[0], argv[3])) return NULL;
   return queue(env, t, "ferry.hashBlocks");
 }
 
@@ -522,9 +529,9 @@ static void run_write_allocated(task *t) {
 /* writeAllocated(fd, buffers: Uint8Array[], position) -> Promise<number>
  * Writes the buffers back to back at `position`, all of them, into a range allocated beforehand. */
 static napi_value write_allocated(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  size_t argc;
+  if (!get_args(env, info, 3, argv, &argc)) return NULL;
   bool is_array = false;
   uint32_t count = 0;
   if (argc < 3 || napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array ||
@@ -541,11 +548,8 @@ static napi_value write_allocated(napi_env env, napi_callback_info info) {
     napi_value item;
     uint8_t *p;
     size_t len;
-    if (napi_get_element(env, argv[1], i, &item) != napi_ok || arg_buffer(env, item, &p, &len)) {
-      free(wt);
-      napi_throw_type_error(env, NULL, "writeAllocated: buffers expected");
-      return NULL;
-    }
+    if (napi_get_element(env, argv[1], i, &item) != napi_ok || arg_buffer(env, item, &p, &len))
+      return abandon(env, wt, napi_throw_type_error, "writeAllocated: buffers expected");
     wt->iov[i].iov_base = p;
     wt->iov[i].iov_len = len;
   }
@@ -553,14 +557,10 @@ static napi_value write_allocated(napi_env env, napi_callback_info info) {
   wt->count = (int)count;
   t->fd = (int)arg_i64(env, argv[0]);
   t->pos = arg_i64(env, argv[2]);
-  if (t->pos < 0) {
-    free(wt);
-    napi_throw_range_error(env, NULL, "writeAllocated: negative position");
-    return NULL;
-  }
+  if (t->pos < 0) return abandon(env, wt, napi_throw_range_error, "writeAllocated: negative position");
   t->run = run_write_allocated;
   /* The array holds every buffer: referencing it keeps them all alive until the write is done. */
-  if (keep(env, t, argv[1]) != 0) return NULL;
+  if (!keep(env, t, 1, argv[1])) return NULL;
   return queue(env, t, "ferry.writeAllocated");
 }
 
@@ -577,9 +577,8 @@ static void unmap_whole(napi_env env, void *data, void *hint) {
  * first, and the page tables stay populated from one pass to the next. Never written: the pages are
  * mapped read-only. */
 static napi_value map_shared(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 2, argv, NULL)) return NULL;
   int fd = (int)arg_i64(env, argv[0]);
   int64_t len = arg_i64(env, argv[1]);
   if (len <= 0) {
@@ -604,9 +603,8 @@ static napi_value map_shared(napi_env env, napi_callback_info info) {
  * Data ranges in [start, end) by SEEK_DATA/SEEK_HOLE. The last element is where a further call should
  * resume (== end when complete). On a filesystem without support the whole range is one segment. */
 static napi_value data_segments(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
   napi_value argv[4];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 4, argv, NULL)) return NULL;
   int fd = (int)arg_i64(env, argv[0]);
   int64_t pos = arg_i64(env, argv[1]), end = arg_i64(env, argv[2]);
   int64_t max = arg_i64(env, argv[3]);
@@ -654,9 +652,8 @@ static napi_value data_segments(napi_env env, napi_callback_info info) {
 
 /* punchHole(fd, offset, length) -> boolean: deallocates the range, which then reads as zeroes. */
 static napi_value punch_hole(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3], result;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 3, argv, NULL)) return NULL;
   int rc = fallocate((int)arg_i64(env, argv[0]), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, arg_i64(env, argv[1]),
                      arg_i64(env, argv[2]));
   CHECK(napi_get_boolean(env, rc == 0, &result));
@@ -665,15 +662,12 @@ static napi_value punch_hole(napi_env env, napi_callback_info info) {
 
 /* crc32c(buffer, initial = 0) -> number */
 static napi_value crc32c(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2], result;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  size_t argc;
   uint8_t *p;
   size_t len;
-  if (arg_buffer(env, argv[0], &p, &len)) {
-    napi_throw_type_error(env, NULL, "crc32c: buffer expected");
+  if (!get_args(env, info, 2, argv, &argc) || !require_buffer(env, argv[0], &p, &len, "crc32c: buffer expected"))
     return NULL;
-  }
   uint32_t init = argc > 1 ? (uint32_t)arg_i64(env, argv[1]) : 0;
   CHECK(napi_create_uint32(env, ferry_crc32c(init, p, len), &result));
   return result;
@@ -681,30 +675,22 @@ static napi_value crc32c(napi_env env, napi_callback_info info) {
 
 /* xxh64(buffer) -> bigint, synchronous, for small buffers and tests. */
 static napi_value xxh64(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1], result;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   uint8_t *p;
   size_t len;
-  if (arg_buffer(env, argv[0], &p, &len)) {
-    napi_throw_type_error(env, NULL, "xxh64: buffer expected");
+  if (!get_args(env, info, 1, argv, NULL) || !require_buffer(env, argv[0], &p, &len, "xxh64: buffer expected"))
     return NULL;
-  }
   CHECK(napi_create_bigint_uint64(env, ferry_xxh64(p, len, 0), &result));
   return result;
 }
 
 /* isZero(buffer) -> boolean, synchronous, for small buffers. */
 static napi_value is_zero(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1], result;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   uint8_t *p;
   size_t len;
-  if (arg_buffer(env, argv[0], &p, &len)) {
-    napi_throw_type_error(env, NULL, "isZero: buffer expected");
+  if (!get_args(env, info, 1, argv, NULL) || !require_buffer(env, argv[0], &p, &len, "isZero: buffer expected"))
     return NULL;
-  }
   bool zero = len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
   CHECK(napi_get_boolean(env, zero, &result));
   return result;
@@ -830,63 +816,44 @@ static void run_hash_mapped_pages(task *t) {
  *   -> Promise<number of pages read>
  * XXH64 of each page of memory[0, pageSize*count), which maps the file range at `position` of fd. */
 static napi_value hash_mapped_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 7;
   napi_value argv[7];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 7, argv, NULL)) return NULL;
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
   size_t mem_len, out_len, skip_len = 0;
-  if (!pt || arg_buffer(env, argv[0], &t->buf, &mem_len) || arg_buffer(env, argv[5], &t->out, &out_len)) {
-    free(pt);
-    napi_throw_type_error(env, NULL, "hashMappedPages: buffers expected");
-    return NULL;
-  }
-  napi_valuetype skip_type = napi_undefined;
-  if (argc > 6) CHECK(napi_typeof(env, argv[6], &skip_type));
-  if (skip_type != napi_undefined && arg_buffer(env, argv[6], &pt->skip, &skip_len)) {
-    free(pt);
-    napi_throw_type_error(env, NULL, "hashMappedPages: skip must be a Uint8Array");
-    return NULL;
-  }
+  if (!pt || arg_buffer(env, argv[0], &t->buf, &mem_len) || arg_buffer(env, argv[5], &t->out, &out_len))
+    return abandon(env, pt, napi_throw_type_error, "hashMappedPages: buffers expected");
+  if (arg_optional_buffer(env, argv[6], &pt->skip, &skip_len))
+    return abandon(env, pt, napi_throw_type_error, "hashMappedPages: skip must be a Uint8Array");
   t->fd = (int)arg_i64(env, argv[1]);
   t->pos = arg_i64(env, argv[2]);
   t->gran = (size_t)arg_i64(env, argv[3]);
   t->count = (size_t)arg_i64(env, argv[4]);
   if (t->gran == 0 || t->pos < 0 || t->pos % (int64_t)t->gran || t->count * t->gran > mem_len || t->count * 8 > out_len ||
-      (pt->skip && skip_len < t->count)) {
-    free(pt);
-    napi_throw_range_error(env, NULL, "hashMappedPages: memory, digests or skip flags too small");
-    return NULL;
-  }
+      (pt->skip && skip_len < t->count))
+    return abandon(env, pt, napi_throw_range_error, "hashMappedPages: memory, digests or skip flags too small");
   t->run = run_hash_mapped_pages;
-  if (keep(env, t, argv[0]) || keep(env, t, argv[5]) || (pt->skip && keep(env, t, argv[6]))) return NULL;
+  if (!keep(env, t, 3, argv[0], argv[5], pt->skip ? argv[6] : NULL)) return NULL;
   return queue(env, t, "ferry.hashMappedPages");
 }
 
 /* hashFilePages(fd, position, pageSize, count, out: Uint32Array[count*2]) -> Promise<number>
  * XXH64 of each page of a file range, as (low, high) 32-bit pairs. */
 static napi_value hash_file_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
   napi_value argv[5];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 5, argv, NULL)) return NULL;
   task *t = calloc(1, sizeof *t);
   size_t out_len;
-  if (!t || arg_buffer(env, argv[4], &t->out, &out_len)) {
-    free(t);
-    napi_throw_type_error(env, NULL, "hashFilePages: Uint32Array expected");
-    return NULL;
-  }
+  if (!t || arg_buffer(env, argv[4], &t->out, &out_len))
+    return abandon(env, t, napi_throw_type_error, "hashFilePages: Uint32Array expected");
   t->fd = (int)arg_i64(env, argv[0]);
   t->pos = arg_i64(env, argv[1]);
   t->gran = (size_t)arg_i64(env, argv[2]);
   t->count = (size_t)arg_i64(env, argv[3]);
-  if (t->gran == 0 || t->count * 8 > out_len) {
-    free(t);
-    napi_throw_range_error(env, NULL, "hashFilePages: digest array too small");
-    return NULL;
-  }
+  if (t->gran == 0 || t->count * 8 > out_len)
+    return abandon(env, t, napi_throw_range_error, "hashFilePages: digest array too small");
   t->run = run_hash_file_pages;
-  if (keep(env, t, argv[4]) != 0) return NULL;
+  if (!keep(env, t, 1, argv[4])) return NULL;
   return queue(env, t, "ferry.hashFilePages");
 }
 
@@ -910,29 +877,22 @@ static void run_pread_pages(task *t) {
 /* preadPages(fd, pageSize, indices: Uint32Array, count, out) -> Promise<number>
  * Reads pages indices[0..count) of a file into out, back to back. */
 static napi_value pread_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
   napi_value argv[5];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 5, argv, NULL)) return NULL;
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
   size_t idx_len, out_len;
   uint8_t *idx_p;
-  if (!pt || arg_buffer(env, argv[2], &idx_p, &idx_len) || arg_buffer(env, argv[4], &t->out, &out_len)) {
-    free(pt);
-    napi_throw_type_error(env, NULL, "preadPages: buffers expected");
-    return NULL;
-  }
+  if (!pt || arg_buffer(env, argv[2], &idx_p, &idx_len) || arg_buffer(env, argv[4], &t->out, &out_len))
+    return abandon(env, pt, napi_throw_type_error, "preadPages: buffers expected");
   pt->indices = (uint32_t *)idx_p;
   t->fd = (int)arg_i64(env, argv[0]);
   t->gran = (size_t)arg_i64(env, argv[1]);
   t->count = (size_t)arg_i64(env, argv[3]);
-  if (t->gran == 0 || t->count * 4 > idx_len || t->count * t->gran > out_len) {
-    free(pt);
-    napi_throw_range_error(env, NULL, "preadPages: buffers too small");
-    return NULL;
-  }
+  if (t->gran == 0 || t->count * 4 > idx_len || t->count * t->gran > out_len)
+    return abandon(env, pt, napi_throw_range_error, "preadPages: buffers too small");
   t->run = run_pread_pages;
-  if (keep(env, t, argv[2]) || keep(env, t, argv[4])) return NULL;
+  if (!keep(env, t, 2, argv[2], argv[4])) return NULL;
   return queue(env, t, "ferry.preadPages");
 }
 
@@ -1022,20 +982,16 @@ fail:
  * XXH64 low, high. Cache slot = page number mod slots; pass empty cache/tags to disable deltas. rawRuns,
  * indexed by page number, counts the raw sends in a row of each page (updated here); see RAW_RETRY_EVERY. */
 static napi_value encode_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 11;
   napi_value argv[11];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 11, argv, NULL)) return NULL;
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
   size_t src_len, idx_len, cache_len, tags_len, out_len, meta_len;
   uint8_t *idx_p, *tags_p, *meta_p;
   if (!pt || arg_buffer(env, argv[0], &t->buf, &src_len) || arg_buffer(env, argv[3], &idx_p, &idx_len) ||
       arg_buffer(env, argv[4], &pt->cache, &cache_len) || arg_buffer(env, argv[5], &tags_p, &tags_len) ||
-      arg_buffer(env, argv[8], &t->out, &out_len) || arg_buffer(env, argv[9], &meta_p, &meta_len)) {
-    free(pt);
-    napi_throw_type_error(env, NULL, "encodePages: buffers expected");
-    return NULL;
-  }
+      arg_buffer(env, argv[8], &t->out, &out_len) || arg_buffer(env, argv[9], &meta_p, &meta_len))
+    return abandon(env, pt, napi_throw_type_error, "encodePages: buffers expected");
   bool insert_new = false;
   napi_get_value_bool(env, argv[6], &insert_new);
   pt->indices = (uint32_t *)idx_p;
@@ -1048,21 +1004,12 @@ static napi_value encode_pages(napi_env env, napi_callback_info info) {
   pt->slots = t->gran ? cache_len / t->gran : 0;
   if (pt->slots > tags_len / 4) pt->slots = tags_len / 4;
   if (t->gran < 64 || t->gran % 8 || t->count * t->gran > src_len || t->count * 4 > idx_len ||
-      t->count * t->gran > out_len || t->count * 16 > meta_len) {
-    free(pt);
-    napi_throw_range_error(env, NULL, "encodePages: buffers too small");
-    return NULL;
-  }
-  napi_valuetype runs_type = napi_undefined;
-  if (argc > 10) CHECK(napi_typeof(env, argv[10], &runs_type));
-  if (runs_type != napi_undefined && arg_buffer(env, argv[10], &pt->raw_runs, &pt->raw_runs_len)) {
-    free(pt);
-    napi_throw_type_error(env, NULL, "encodePages: rawRuns must be a Uint8Array");
-    return NULL;
-  }
+      t->count * t->gran > out_len || t->count * 16 > meta_len)
+    return abandon(env, pt, napi_throw_range_error, "encodePages: buffers too small");
+  if (arg_optional_buffer(env, argv[10], &pt->raw_runs, &pt->raw_runs_len))
+    return abandon(env, pt, napi_throw_type_error, "encodePages: rawRuns must be a Uint8Array");
   t->run = run_encode_pages;
-  if (keep(env, t, argv[0]) || keep(env, t, argv[3]) || keep(env, t, argv[4]) || keep(env, t, argv[5]) ||
-      keep(env, t, argv[8]) || keep(env, t, argv[9]) || (pt->raw_runs && keep(env, t, argv[10])))
+  if (!keep(env, t, 7, argv[0], argv[3], argv[4], argv[5], argv[8], argv[9], pt->raw_runs ? argv[10] : NULL))
     return NULL;
   return queue(env, t, "ferry.encodePages");
 }
@@ -1154,48 +1101,33 @@ out:
  * fills meta[i*4+2..3] with the XXH64 of the page as written. `held`, the digests of what the file holds by
  * page number (low, high), lets a zero page that is already zero go unwritten. */
 static napi_value apply_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 7;
   napi_value argv[7];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!get_args(env, info, 7, argv, NULL)) return NULL;
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
   size_t idx_len, meta_len, held_len = 0;
   uint8_t *idx_p, *meta_p, *held_p = NULL;
   if (!pt || arg_buffer(env, argv[3], &idx_p, &idx_len) || arg_buffer(env, argv[4], &t->buf, &t->len) ||
-      arg_buffer(env, argv[5], &meta_p, &meta_len)) {
-    free(pt);
-    napi_throw_type_error(env, NULL, "applyPages: buffers expected");
-    return NULL;
-  }
-  napi_valuetype held_type = napi_undefined;
-  if (argc > 6) CHECK(napi_typeof(env, argv[6], &held_type));
-  if (held_type != napi_undefined && arg_buffer(env, argv[6], &held_p, &held_len)) {
-    free(pt);
-    napi_throw_type_error(env, NULL, "applyPages: held must be a Uint32Array");
-    return NULL;
-  }
+      arg_buffer(env, argv[5], &meta_p, &meta_len))
+    return abandon(env, pt, napi_throw_type_error, "applyPages: buffers expected");
+  if (arg_optional_buffer(env, argv[6], &held_p, &held_len))
+    return abandon(env, pt, napi_throw_type_error, "applyPages: held must be a Uint32Array");
   pt->indices = (uint32_t *)idx_p;
   pt->meta = (uint32_t *)meta_p;
   t->fd = (int)arg_i64(env, argv[0]);
   t->gran = (size_t)arg_i64(env, argv[1]);
   t->count = (size_t)arg_i64(env, argv[2]);
-  if (t->gran < 64 || t->gran % 8 || t->count * 4 > idx_len || t->count * 16 > meta_len) {
-    free(pt);
-    napi_throw_range_error(env, NULL, "applyPages: buffers too small");
-    return NULL;
-  }
+  if (t->gran < 64 || t->gran % 8 || t->count * 4 > idx_len || t->count * 16 > meta_len)
+    return abandon(env, pt, napi_throw_range_error, "applyPages: buffers too small");
   if (held_p) {
     for (size_t i = 0; i < t->count; i++) {
-      if ((size_t)pt->indices[i] * 8 + 8 > held_len) {
-        free(pt);
-        napi_throw_range_error(env, NULL, "applyPages: a page number is beyond the held digests");
-        return NULL;
-      }
+      if ((size_t)pt->indices[i] * 8 + 8 > held_len)
+        return abandon(env, pt, napi_throw_range_error, "applyPages: a page number is beyond the held digests");
     }
     pt->held = (uint32_t *)held_p;
   }
   t->run = run_apply_pages;
-  if (keep(env, t, argv[3]) || keep(env, t, argv[4]) || keep(env, t, argv[5]) || (held_p && keep(env, t, argv[6]))) return NULL;
+  if (!keep(env, t, 4, argv[3], argv[4], argv[5], held_p ? argv[6] : NULL)) return NULL;
   return queue(env, t, "ferry.applyPages");
 }
 

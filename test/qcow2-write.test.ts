@@ -1,19 +1,13 @@
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ferry, imagesIdentical, qemuImg, tempDir } from './helpers/env.js';
-import { makePatternedRaw } from './helpers/fixtures.js';
+import { describe, expect, it } from 'vitest';
+import { ferry, imagesIdentical, qemuImg } from './helpers/env.js';
+import { expectRawConversion, ferryInfo, ferryOk, inTempDirWithPatternedSource, qemuInfo } from './helpers/image-tests.js';
 
 /** Every qcow2 Ferry writes must pass qemu-img check and read back identical to its source. */
 describe('writing qcow2', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
   let source: string;
-
-  beforeAll(async () => {
-    ({ dir, cleanup } = await tempDir());
-    source = await makePatternedRaw(dir);
-  });
-  afterAll(() => cleanup());
+  inTempDirWithPatternedSource((made) => ({ dir, source } = made));
 
   const variants: Array<[string, string[]]> = [
     ['default v3', []],
@@ -36,18 +30,14 @@ describe('writing qcow2', () => {
   for (const [name, args] of variants) {
     it(`${name}: passes qemu-img check and compares identical`, async () => {
       const out = join(dir, `${name.replace(/\W+/g, '_')}.qcow2`);
-      const r = await ferry(['convert', '-O', 'qcow2', ...args, source, out]);
-      expect(r.stderr).toBe('');
-      expect(r.code).toBe(0);
+      await ferryOk(['convert', '-O', 'qcow2', ...args, source, out]);
       const check = JSON.parse(await qemuImg('check', '--output=json', out));
       expect(check['check-errors']).toBe(0);
       expect(check.corruptions ?? 0).toBe(0);
       expect(check.leaks ?? 0).toBe(0);
       expect(await imagesIdentical(source, out)).toBe(true);
       // Ferry reads back what it wrote.
-      const back = join(dir, `${name.replace(/\W+/g, '_')}.back.raw`);
-      expect((await ferry(['convert', '-O', 'raw', out, back])).code).toBe(0);
-      expect(await imagesIdentical(source, back)).toBe(true);
+      await expectRawConversion(out, join(dir, `${name.replace(/\W+/g, '_')}.back.raw`), source);
       // And Ferry's own check agrees with qemu's.
       const ours = await ferry(['check', out]);
       expect(ours.stdout).toContain('No errors were found on the image.');
@@ -70,8 +60,8 @@ describe('writing qcow2', () => {
   it('reports the same info as qemu-img for what it writes', async () => {
     const out = join(dir, 'info.qcow2');
     await ferry(['convert', '-O', 'qcow2', '-o', 'cluster_size=128k,compression_type=zstd', source, out]);
-    const ours = JSON.parse((await ferry(['info', '--output=json', out])).stdout);
-    const theirs = JSON.parse(await qemuImg('info', '--output=json', out));
+    const ours = await ferryInfo(out);
+    const theirs = await qemuInfo(out);
     for (const key of ['virtual-size', 'format', 'cluster-size', 'dirty-flag', 'format-specific']) expect(ours[key]).toEqual(theirs[key]);
   });
 
@@ -90,9 +80,8 @@ describe('writing qcow2', () => {
     const out = join(dir, 'bk-top.qcow2');
     const small = join(dir, 'small8.raw');
     await qemuImg('create', '-q', '-f', 'raw', small, '8M');
-    const r = await ferry(['convert', '-O', 'qcow2', '-o', 'backing_file=bk-base.raw,backing_fmt=raw', small, out]);
-    expect(r.stderr).toBe('');
-    const info = JSON.parse(await qemuImg('info', '--output=json', out));
+    await ferryOk(['convert', '-O', 'qcow2', '-o', 'backing_file=bk-base.raw,backing_fmt=raw', small, out]);
+    const info = await qemuInfo(out);
     expect(info['backing-filename']).toBe('bk-base.raw');
     expect(info['backing-filename-format']).toBe('raw');
     expect(JSON.parse(await qemuImg('check', '--output=json', out))['check-errors']).toBe(0);

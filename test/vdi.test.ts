@@ -2,10 +2,11 @@ import { execFile } from 'node:child_process';
 import { mkdir, open, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ferry, imagesIdentical, qemuImg, qemuIo, requireTool, tempDir } from './helpers/env.js';
+import { describe, expect, it } from 'vitest';
+import { ferry, imagesIdentical, qemuImg, requireTool } from './helpers/env.js';
 import { makePatternedRaw } from './helpers/fixtures.js';
 import { expectImageRefused } from './helpers/hostile.js';
+import { expectFerryReadsQemuImage, ferryInfo, ferryOk, inTempDir, makeImage, qemuInfo } from './helpers/image-tests.js';
 
 const MiB = 1024 * 1024;
 /** Not a whole number of sectors: QEMU rounds the VDI disk size up, and Ferry must do the same. */
@@ -49,7 +50,7 @@ async function layoutFields(image: string): Promise<Record<string, number | bigi
 }
 
 async function virtualSize(image: string): Promise<number> {
-  return JSON.parse(await qemuImg('info', '--output=json', image))['virtual-size'];
+  return (await qemuInfo(image))['virtual-size'];
 }
 
 interface MapRow {
@@ -83,11 +84,10 @@ async function qemuCheckStatus(image: string): Promise<number> {
 
 describe('vdi', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
   let sources: Record<string, string>;
 
-  beforeAll(async () => {
-    ({ dir, cleanup } = await tempDir());
+  inTempDir(async (made) => {
+    dir = made;
     const odd = join(dir, 'odd.raw');
     const h = await open(odd, 'w');
     await h.truncate(ODD_SIZE);
@@ -96,27 +96,17 @@ describe('vdi', () => {
     await h.close();
     sources = { patterned: await makePatternedRaw(dir), odd };
   });
-  afterAll(() => cleanup());
 
   for (const [sourceName, variant] of [['patterned', VARIANTS[0]], ['patterned', VARIANTS[1]], ['odd', VARIANTS[0]], ['odd', VARIANTS[1]]] as const) {
     it(`reads a ${variant.name} VDI written by qemu-img (${sourceName} source)`, async () => {
-      const image = join(dir, `qemu-${sourceName}-${variant.name}.vdi`);
-      const out = join(dir, `qemu-${sourceName}-${variant.name}.raw`);
-      await qemuImg('convert', '-f', 'raw', '-O', 'vdi', ...variant.options, sources[sourceName], image);
-      const r = await ferry(['convert', '-O', 'raw', image, out]);
-      expect(r.stderr).toBe('');
-      expect(r.code).toBe(0);
-      expect(await imagesIdentical(image, out)).toBe(true);
-      expect(await imagesIdentical(sources[sourceName], out)).toBe(true);
+      const { image, out } = await expectFerryReadsQemuImage(sources[sourceName], 'vdi', variant.options, join(dir, `qemu-${sourceName}-${variant.name}`));
       expect((await stat(out)).size).toBe(await virtualSize(image));
     });
 
     it(`writes a ${variant.name} VDI that qemu-img reads and checks clean (${sourceName} source)`, async () => {
       const ours = join(dir, `ferry-${sourceName}-${variant.name}.vdi`);
       const theirs = join(dir, `theirs-${sourceName}-${variant.name}.vdi`);
-      const r = await ferry(['convert', '-f', 'raw', '-O', 'vdi', ...variant.options, sources[sourceName], ours]);
-      expect(r.stderr).toBe('');
-      expect(r.code).toBe(0);
+      await ferryOk(['convert', '-f', 'raw', '-O', 'vdi', ...variant.options, sources[sourceName], ours]);
       expect(await qemuImg('check', ours)).toContain('No errors were found on the image.');
       expect(await imagesIdentical(sources[sourceName], ours)).toBe(true);
       await qemuImg('convert', '-f', 'raw', '-O', 'vdi', ...variant.options, sources[sourceName], theirs);
@@ -170,8 +160,8 @@ describe('vdi', () => {
   it('info, map and check agree with qemu-img', async () => {
     const image = join(dir, 'report.vdi');
     await qemuImg('convert', '-f', 'raw', '-O', 'vdi', sources.odd, image);
-    const info = JSON.parse((await ferry(['info', '--output=json', image])).stdout);
-    const qemu = JSON.parse(await qemuImg('info', '--output=json', image));
+    const info = await ferryInfo(image);
+    const qemu = await qemuInfo(image);
     for (const key of ['format', 'virtual-size', 'cluster-size', 'format-specific', 'dirty-flag']) expect(info[key], key).toEqual(qemu[key]);
     expect(info.format).toBe('vdi');
     expect(JSON.parse((await ferry(['map', '--output=json', image])).stdout)).toEqual(JSON.parse(await qemuImg('map', '--output=json', image)));
@@ -199,17 +189,14 @@ describe('vdi', () => {
  */
 describe('hostile vdi inputs', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
   let valid: Buffer;
 
-  beforeAll(async () => {
-    ({ dir, cleanup } = await tempDir());
+  inTempDir(async (made) => {
+    dir = made;
     const path = join(dir, 'valid.vdi');
-    await qemuImg('create', '-q', '-f', 'vdi', path, '64M');
-    await qemuIo(path, 'vdi', 'write -P 0xab 0 1M');
+    await makeImage(path, 'vdi', '64M', 'write -P 0xab 0 1M');
     valid = await readFile(path);
   });
-  afterAll(() => cleanup());
 
   /** Converts `image` (with `-f vdi` when `forced`, for inputs a probe would call raw) and expects refusal. */
   function expectRefused(name: string, image: Buffer, pattern: RegExp, forced = false): Promise<void> {
@@ -261,18 +248,23 @@ describe('hostile vdi inputs', () => {
   });
   it('parent UUID set', () => expectRefused('parent', patched((b) => (b[AT.uuidParent] = 1)), /non-null parent UUID/));
 
-  it('a 512 MiB block map is walked in pages, in bounded memory', async () => {
-    const folder = join(dir, 'big-map');
-    await mkdir(folder, { recursive: true });
-    const path = join(folder, 'input.vdi');
-    const blocks = 128 * MiB;
+  /** The header of a disk of `blocks` 1 MiB blocks, none allocated, whose data area starts right after the block map. */
+  function unallocatedHeader(blocks: number): Buffer {
     const header = Buffer.from(valid.subarray(0, 512));
     header.writeUInt32LE(blocks, AT.blocksInImage);
     header.writeUInt32LE(0, AT.blocksAllocated);
     header.writeBigUInt64LE(BigInt(blocks) * BigInt(MiB), AT.diskSize);
     header.writeUInt32LE(OFFSET_BMAP + blocks * 4, AT.offsetData);
+    return header;
+  }
+
+  it('a 512 MiB block map is walked in pages, in bounded memory', async () => {
+    const folder = join(dir, 'big-map');
+    await mkdir(folder, { recursive: true });
+    const path = join(folder, 'input.vdi');
+    const blocks = 128 * MiB;
     const h = await open(path, 'w');
-    await h.write(header, 0, 512, 0);
+    await h.write(unallocatedHeader(blocks), 0, 512, 0);
     const unallocated = Buffer.alloc(16 * MiB, 0xff);
     for (let at = 0; at < blocks * 4; at += unallocated.length) await h.write(unallocated, 0, unallocated.length, OFFSET_BMAP + at);
     await h.close();
@@ -287,13 +279,8 @@ describe('hostile vdi inputs', () => {
     await mkdir(folder, { recursive: true });
     const path = join(folder, 'input.vdi');
     const blocks = (2 ** 31 - 512) / 4;
-    const header = Buffer.from(valid.subarray(0, 512));
-    header.writeUInt32LE(blocks, AT.blocksInImage);
-    header.writeUInt32LE(0, AT.blocksAllocated);
-    header.writeBigUInt64LE(BigInt(blocks) * BigInt(MiB), AT.diskSize);
-    header.writeUInt32LE(OFFSET_BMAP + blocks * 4, AT.offsetData);
     const h = await open(path, 'w');
-    await h.write(header, 0, 512, 0);
+    await h.write(unallocatedHeader(blocks), 0, 512, 0);
     await h.truncate(OFFSET_BMAP + blocks * 4); // every entry reads 0: data block 0, which was never allocated
     await h.close();
     const info = await ferry(['info', '--output=json', path]);

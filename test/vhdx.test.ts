@@ -2,11 +2,12 @@ import { execFile } from 'node:child_process';
 import { copyFile, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { native } from '../src/native.js';
-import { ferry, imagesIdentical, qemuImg, qemuIo, tempDir, type Result } from './helpers/env.js';
+import { ferry, imagesIdentical, qemuImg, qemuIo } from './helpers/env.js';
 import { makePatternedRaw } from './helpers/fixtures.js';
 import { expectImageRefused } from './helpers/hostile.js';
+import { expectRawConversion, ferryInfo, ferryOk, inTempDir, makeImage, makeQcow2OverlayOverShorterBase, qemuInfo } from './helpers/image-tests.js';
 
 const MiB = 1024 * 1024;
 const run = promisify(execFile);
@@ -48,20 +49,19 @@ class VhdxBytes {
 
   /** Edits both header copies (4 KiB each) and fixes their checksums. */
   headers(edit: (h: Buffer) => void): this {
-    for (const o of HEADERS) {
-      const h = this.b.subarray(o, o + 4096);
-      edit(h);
-      setCrc(h);
-    }
-    return this;
+    return this.editCopies(HEADERS, 4096, edit);
   }
 
   /** Edits both region table copies (64 KiB each) and fixes their checksums. */
   regionTables(edit: (t: Buffer) => void): this {
-    for (const o of REGION_TABLES) {
-      const t = this.b.subarray(o, o + 65536);
-      edit(t);
-      setCrc(t);
+    return this.editCopies(REGION_TABLES, 65536, edit);
+  }
+
+  private editCopies(offsets: number[], length: number, edit: (copy: Buffer) => void): this {
+    for (const o of offsets) {
+      const copy = this.b.subarray(o, o + length);
+      edit(copy);
+      setCrc(copy);
     }
     return this;
   }
@@ -102,13 +102,6 @@ class VhdxBytes {
   }
 }
 
-async function ferryOk(args: string[]): Promise<Result> {
-  const r = await ferry(args);
-  expect(r.stderr).toBe('');
-  expect(r.code).toBe(0);
-  return r;
-}
-
 async function qemuCheckClean(image: string): Promise<void> {
   expect(await qemuImg('check', '-f', 'vhdx', image)).toMatch(/No errors were found on the image/);
 }
@@ -123,42 +116,35 @@ async function qemuReadsAs(image: string, raw: string): Promise<boolean> {
   return imagesIdentical(raw, copy);
 }
 
-async function qemuInfo(image: string): Promise<Record<string, unknown>> {
-  return JSON.parse(await qemuImg('info', '--output=json', image));
-}
-
 /** A sparse raw disk over 4 GiB, so 1 MiB and 32 MiB blocks both span a chunk and a sector bitmap entry. */
-async function makeBeyondChunkRaw(dir: string): Promise<string> {
-  const path = join(dir, 'beyond-chunk.raw');
-  await qemuImg('create', '-q', '-f', 'raw', path, String(4200 * MiB + 7 * 512));
-  await qemuIo(
-    path,
+function makeBeyondChunkRaw(dir: string): Promise<string> {
+  return makeImage(
+    join(dir, 'beyond-chunk.raw'),
     'raw',
+    String(4200 * MiB + 7 * 512),
     'write -P 0x21 0 1M',
     'write -P 0x22 4095M 2M', // crosses the 4 GiB chunk boundary
     'write -P 0x23 4197M 1536k',
     `write -P 0x24 ${4200 * MiB} ${7 * 512}`, // the odd tail
   );
-  return path;
 }
 
 /** Source disks shared by every group, made once: the patterned 64 MiB disk and the sparse one past 4 GiB. */
 let source: string;
 let beyondChunk: string;
-let removeSources: () => Promise<void>;
-beforeAll(async () => {
-  const { dir, cleanup } = await tempDir();
-  removeSources = cleanup;
+inTempDir(async (dir) => {
   [source, beyondChunk] = await Promise.all([makePatternedRaw(dir), makeBeyondChunkRaw(dir)]);
 });
-afterAll(() => removeSources());
+
+/** qemu-img's VHDX of the patterned source, written at `image` and loaded for editing. */
+async function qemuVhdxOfSource(image: string): Promise<VhdxBytes> {
+  await qemuImg('convert', '-f', 'raw', '-O', 'vhdx', source, image);
+  return VhdxBytes.load(image);
+}
 
 describe('reading VHDX images produced by qemu-img', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
-
-  beforeAll(async () => ({ dir, cleanup } = await tempDir()));
-  afterAll(() => cleanup());
+  inTempDir((made) => (dir = made));
 
   // The last field: also compare `info` with qemu-img's (a few variants suffice).
   const variants: Array<[string, string[], 'patterned' | 'beyond-chunk', boolean]> = [
@@ -182,7 +168,7 @@ describe('reading VHDX images produced by qemu-img', () => {
       expect(kind === 'patterned' ? await imagesIdentical(image, out) : await qemuReadsAs(image, out)).toBe(true);
       expect(await imagesIdentical(from, out)).toBe(true);
       if (!compareInfo) return;
-      const ours = JSON.parse((await ferryOk(['info', '--output=json', image])).stdout);
+      const ours = await ferryInfo(image);
       const qemu = await qemuInfo(image);
       const described = (i: Record<string, unknown>) => [i.format, i['virtual-size'], i['cluster-size'], i['format-specific']];
       expect(described(ours)).toEqual(described(qemu));
@@ -192,28 +178,23 @@ describe('reading VHDX images produced by qemu-img', () => {
   it('reads an odd virtual size with data in its last sector', async () => {
     const image = join(dir, 'odd.vhdx');
     const size = 10 * MiB + 4096 + 512;
-    await qemuImg('create', '-q', '-f', 'vhdx', image, String(size));
-    await qemuIo(image, 'vhdx', `write -P 0x99 ${10 * MiB} 4608`);
+    await makeImage(image, 'vhdx', String(size), `write -P 0x99 ${10 * MiB} 4608`);
     const out = join(dir, 'odd.raw');
-    await ferryOk(['convert', '-O', 'raw', image, out]);
+    await expectRawConversion(image, out);
     expect((await stat(out)).size).toBe(size);
-    expect(await imagesIdentical(image, out)).toBe(true);
-    const info = JSON.parse((await ferryOk(['info', '--output=json', image])).stdout);
-    expect(info['virtual-size']).toBe((await qemuInfo(image))['virtual-size']);
+    expect((await ferryInfo(image))['virtual-size']).toBe((await qemuInfo(image))['virtual-size']);
   });
 
   it('probes VHDX by its file identifier', async () => {
     const image = join(dir, 'probe.vhdx');
     await qemuImg('create', '-q', '-f', 'vhdx', image, '16M');
-    const info = JSON.parse((await ferryOk(['info', '--output=json', image])).stdout);
+    const info = await ferryInfo(image);
     expect(info.format).toBe('vhdx');
     expect(info['cluster-size']).toBe(8 * MiB);
   });
 
   it('uses the header with the higher sequence number, and the valid one when the other is damaged', async () => {
-    const image = join(dir, 'seq.vhdx');
-    await qemuImg('convert', '-f', 'raw', '-O', 'vhdx', source, image);
-    const v = await VhdxBytes.load(image);
+    const v = await qemuVhdxOfSource(join(dir, 'seq.vhdx'));
     // Header 1 gets a higher sequence number but a log offset that would be refused: it must win.
     const h1 = v.b.subarray(HEADERS[0], HEADERS[0] + 4096);
     h1.writeBigUInt64LE(h1.readBigUInt64LE(8) + 10n, 8);
@@ -227,42 +208,31 @@ describe('reading VHDX images produced by qemu-img', () => {
     h1[100] ^= 0xff;
     const damaged = join(dir, 'seq-damaged.vhdx');
     await writeFile(damaged, v.b);
-    const out = join(dir, 'seq-damaged.raw');
-    await ferryOk(['convert', '-O', 'raw', damaged, out]);
-    expect(await imagesIdentical(source, out)).toBe(true);
+    await expectRawConversion(damaged, join(dir, 'seq-damaged.raw'), source);
   });
 
   it('falls back to the second region table when the first fails its checksum', async () => {
     const image = join(dir, 'rt.vhdx');
-    await qemuImg('convert', '-f', 'raw', '-O', 'vhdx', source, image);
-    const v = await VhdxBytes.load(image);
+    const v = await qemuVhdxOfSource(image);
     v.b[REGION_TABLES[0] + 40] ^= 0xff;
     await writeFile(image, v.b);
-    const out = join(dir, 'rt.raw');
-    await ferryOk(['convert', '-O', 'raw', image, out]);
-    expect(await imagesIdentical(source, out)).toBe(true);
+    await expectRawConversion(image, join(dir, 'rt.raw'), source);
   });
 
   it('reads 4096-byte logical sectors (which qemu-img 7.2 refuses to open)', async () => {
     const image = join(dir, 'base512.vhdx');
-    await qemuImg('convert', '-f', 'raw', '-O', 'vhdx', source, image);
-    const v = await VhdxBytes.load(image);
+    const v = await qemuVhdxOfSource(image);
     // 64 MiB in 8 MiB blocks stays within one chunk for either sector size, so only the sector size changes.
     v.b.writeUInt32LE(4096, v.item(GUID.logicalSectorSize).offset);
     const image4k = join(dir, 'sector4k.vhdx');
     await writeFile(image4k, v.b);
-    const out = join(dir, 'sector4k.raw');
-    await ferryOk(['convert', '-O', 'raw', image4k, out]);
-    expect(await imagesIdentical(image, out)).toBe(true);
+    await expectRawConversion(image4k, join(dir, 'sector4k.raw'), image);
   });
 });
 
 describe('writing VHDX images', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
-
-  beforeAll(async () => ({ dir, cleanup } = await tempDir()));
-  afterAll(() => cleanup());
+  inTempDir((made) => (dir = made));
 
   const variants: Array<[string, string[]]> = [
     ['dynamic', []],
@@ -282,10 +252,8 @@ describe('writing VHDX images', () => {
 
   it('reads back what it wrote', async () => {
     const image = join(dir, 'roundtrip.vhdx');
-    const back = join(dir, 'roundtrip.raw');
     await ferryOk(['convert', '-O', 'vhdx', '-o', 'block_size=1M', source, image]);
-    await ferryOk(['convert', '-O', 'raw', image, back]);
-    expect(await imagesIdentical(source, back)).toBe(true);
+    await expectRawConversion(image, join(dir, 'roundtrip.raw'), source);
   });
 
   it('lays out a dynamic image as QEMU does: same block size choice, same BAT, same file size', async () => {
@@ -319,8 +287,7 @@ describe('writing VHDX images', () => {
 
   it('records an odd virtual size rounded up to whole sectors, as qemu-img does', async () => {
     const odd = join(dir, 'odd.raw');
-    await qemuImg('create', '-q', '-f', 'raw', odd, String(5 * MiB + 1000));
-    await qemuIo(odd, 'raw', `write -P 0x42 ${5 * MiB} 1000`);
+    await makeImage(odd, 'raw', String(5 * MiB + 1000), `write -P 0x42 ${5 * MiB} 1000`);
     const ours = join(dir, 'odd-ferry.vhdx');
     const theirs = join(dir, 'odd-qemu.vhdx');
     await ferryOk(['convert', '-O', 'vhdx', odd, ours]);
@@ -331,12 +298,7 @@ describe('writing VHDX images', () => {
   });
 
   it('converts a qcow2 overlay with its backing file to VHDX, and VHDX to qcow2', async () => {
-    const base = join(dir, 'base.qcow2');
-    const top = join(dir, 'top.qcow2');
-    await qemuImg('create', '-q', '-f', 'qcow2', base, '32M');
-    await qemuIo(base, 'qcow2', 'write -P 0x61 0 32M');
-    await qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top, '40M');
-    await qemuIo(top, 'qcow2', 'write -P 0x62 1M 1M', 'write -z 4M 2M', 'write -P 0x63 36M 1M');
+    const top = await makeQcow2OverlayOverShorterBase(dir, 32);
     const vhdx = join(dir, 'from-chain.vhdx');
     await ferryOk(['convert', '-O', 'vhdx', top, vhdx]);
     expect(await imagesIdentical(top, vhdx)).toBe(true);
@@ -411,15 +373,10 @@ function logEntry(sequence: bigint, logGuid: Buffer, writes: LogWrite[], fileSiz
 
 describe('the VHDX log', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
-
-  beforeAll(async () => ({ dir, cleanup } = await tempDir()));
-  afterAll(() => cleanup());
+  inTempDir((made) => (dir = made));
 
   it('replays a non-empty log in memory exactly as qemu-img check -r all replays it on disk, without touching the source', async () => {
-    const base = join(dir, 'base.vhdx');
-    await qemuImg('convert', '-f', 'raw', '-O', 'vhdx', source, base);
-    const v = await VhdxBytes.load(base);
+    const v = await qemuVhdxOfSource(join(dir, 'base.vhdx'));
     const bat = v.region(GUID.bat).offset;
     const log = { offset: 1 * MiB, length: 1 * MiB };
     expect(v.b.readUInt32LE(HEADERS[0] + 68)).toBe(log.length);
@@ -462,8 +419,7 @@ describe('the VHDX log', () => {
     await run('qemu-img', ['check', '-r', 'all', replayed]).catch((err: { code?: number }) => expect(err.code).not.toBe(1));
 
     const out = join(dir, 'with-log.raw');
-    await ferryOk(['convert', '-O', 'raw', image, out]);
-    expect(await imagesIdentical(replayed, out)).toBe(true);
+    await expectRawConversion(image, out, replayed);
     expect(await imagesIdentical(source, out)).toBe(false);
     // The source was opened read-only and is byte for byte what was written.
     expect((await readFile(image)).equals(v.b)).toBe(true);
@@ -475,8 +431,7 @@ describe('the VHDX log', () => {
 
   it('replays a log entry written by qemu itself and left unapplied, as after a crash', async () => {
     const image = join(dir, 'crashed.vhdx');
-    await qemuImg('convert', '-f', 'raw', '-O', 'vhdx', source, image);
-    const before = await VhdxBytes.load(image);
+    const before = await qemuVhdxOfSource(image);
     // qemu allocates a block for this write and updates the BAT through its log.
     await qemuIo(image, 'vhdx', 'write -P 0x55 50M 1M');
     const after = await VhdxBytes.load(image);
@@ -495,8 +450,7 @@ describe('the VHDX log', () => {
     await qemuIo(replayed, 'vhdx', 'read -P 0x55 50M 1M');
 
     const out = join(dir, 'crashed.raw');
-    await ferryOk(['convert', '-O', 'raw', image, out]);
-    expect(await imagesIdentical(replayed, out)).toBe(true);
+    await expectRawConversion(image, out, replayed);
     expect(await imagesIdentical(source, out)).toBe(false);
   });
 
@@ -518,10 +472,7 @@ describe('the VHDX log', () => {
 
 describe('differencing VHDX images', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
-
-  beforeAll(async () => ({ dir, cleanup } = await tempDir()));
-  afterAll(() => cleanup());
+  inTempDir((made) => (dir = made));
 
   /** The current header's DataWriteGuid in the braced text form parent locators use. */
   async function dataWriteGuid(path: string): Promise<string> {
@@ -566,8 +517,7 @@ describe('differencing VHDX images', () => {
   it('reads a differencing image over its parent: present, partially present, zero, unmapped and absent blocks', async () => {
     const parent = join(dir, 'parent.vhdx');
     const child = join(dir, 'child.vhdx');
-    await qemuImg('create', '-q', '-f', 'vhdx', parent, '64M');
-    await qemuIo(parent, 'vhdx', 'write -P 0x11 0 64M');
+    await makeImage(parent, 'vhdx', '64M', 'write -P 0x11 0 64M');
     await qemuImg('create', '-q', '-f', 'vhdx', '-o', 'block_state_zero=off', child, '64M');
     await qemuIo(child, 'vhdx', 'write -P 0x22 8M 1M', 'write -P 0x33 16M 8M');
     const v = await VhdxBytes.load(child);
@@ -594,9 +544,7 @@ describe('differencing VHDX images', () => {
     const expectedPath = join(dir, 'expected.raw');
     await writeFile(expectedPath, expected);
 
-    const out = join(dir, 'child.raw');
-    await ferryOk(['convert', '-O', 'raw', child, out]);
-    expect(await imagesIdentical(expectedPath, out)).toBe(true);
+    await expectRawConversion(child, join(dir, 'child.raw'), expectedPath);
     const info = JSON.parse((await ferryOk(['info', '--output=json', '--backing-chain', child])).stdout);
     expect(info.map((i: Record<string, unknown>) => [i.format, i['backing-filename']])).toEqual([
       ['vhdx', 'parent.vhdx'],
@@ -636,19 +584,16 @@ describe('differencing VHDX images', () => {
  */
 describe('hostile VHDX inputs', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
   let valid: VhdxBytes;
 
-  beforeAll(async () => {
-    ({ dir, cleanup } = await tempDir());
+  inTempDir(async (made) => {
+    dir = made;
     const path = join(dir, 'valid.vhdx');
     const raw = join(dir, 'valid.raw');
-    await qemuImg('create', '-q', '-f', 'raw', raw, '64M');
-    await qemuIo(raw, 'raw', 'write -P 0xab 0 1M', 'write -P 0xcd 20M 1M');
+    await makeImage(raw, 'raw', '64M', 'write -P 0xab 0 1M', 'write -P 0xcd 20M 1M');
     await qemuImg('convert', '-f', 'raw', '-O', 'vhdx', raw, path);
     valid = await VhdxBytes.load(path);
   });
-  afterAll(() => cleanup());
 
   function expectRefused(name: string, image: Buffer, pattern: RegExp, sourceArgs: string[] = []): Promise<void> {
     return expectImageRefused(join(dir, name), 'input.vhdx', image, pattern, sourceArgs);

@@ -1,23 +1,25 @@
 import { execFileSync } from 'node:child_process';
 import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ferry, imagesIdentical, qemuImg, qemuIo, tempDir, type Result } from './helpers/env.js';
-import { makePatternedRaw } from './helpers/fixtures.js';
+import { describe, expect, it } from 'vitest';
+import { ferry, imagesIdentical, qemuImg, qemuIo } from './helpers/env.js';
+import {
+  expectBackingChainAsQemu,
+  expectFerryReadsQemuImage,
+  expectRawConversion,
+  ferryInfo,
+  ferryOk,
+  inTempDir,
+  inTempDirWithPatternedSource,
+  makeImage,
+  qemuInfo,
+} from './helpers/image-tests.js';
 
 const SECTOR = 512;
 const GD_AT_END = 0xffffffffffffffffn;
 
-function expectOk(r: Result): void {
-  expect(r.stderr).toBe('');
-  expect(r.code).toBe(0);
-}
-
-async function info(tool: 'ferry' | 'qemu', image: string): Promise<Record<string, any>> {
-  if (tool === 'qemu') return JSON.parse(await qemuImg('info', '--output=json', image));
-  const r = await ferry(['info', '--output=json', image]);
-  expectOk(r);
-  return JSON.parse(r.stdout);
+function info(tool: 'ferry' | 'qemu', image: string): Promise<Record<string, any>> {
+  return tool === 'qemu' ? qemuInfo(image) : ferryInfo(image);
 }
 
 /** The facts `info` must agree on with qemu-img. */
@@ -56,14 +58,8 @@ function comparableDescriptor(text: string, name: string): string {
 
 describe('reading VMDK images produced by qemu-img', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
   let source: string;
-
-  beforeAll(async () => {
-    ({ dir, cleanup } = await tempDir());
-    source = await makePatternedRaw(dir);
-  });
-  afterAll(() => cleanup());
+  inTempDirWithPatternedSource((made) => ({ dir, source } = made));
 
   const variants: Array<[string, string]> = [
     ['monolithicSparse', 'subformat=monolithicSparse'],
@@ -80,13 +76,7 @@ describe('reading VMDK images produced by qemu-img', () => {
 
   for (const [name, opts] of variants) {
     it(`${name}: converts to raw identical to what qemu reads, and info agrees with qemu-img`, async () => {
-      const base = name.replace(/\W+/g, '_');
-      const image = join(dir, `${base}.vmdk`);
-      const out = join(dir, `${base}.raw`);
-      await qemuImg('convert', '-f', 'raw', '-O', 'vmdk', '-o', opts, source, image);
-      expectOk(await ferry(['convert', '-O', 'raw', image, out]));
-      expect(await imagesIdentical(image, out)).toBe(true);
-      expect(await imagesIdentical(source, out)).toBe(true);
+      const { image } = await expectFerryReadsQemuImage(source, 'vmdk', ['-o', opts], join(dir, name.replace(/\W+/g, '_')));
       expect(infoFacts(await info('ferry', image))).toEqual(infoFacts(await info('qemu', image)));
     });
   }
@@ -95,12 +85,9 @@ describe('reading VMDK images produced by qemu-img', () => {
     const raw = join(dir, 'odd.raw');
     const image = join(dir, 'odd-stream.vmdk');
     const size = 10 * 1024 * 1024 + 4608;
-    await qemuImg('create', '-q', '-f', 'raw', raw, String(size));
-    await qemuIo(raw, 'raw', `write -P 0x99 ${size - 8192} 8192`, 'write -P 0x12 0 64k');
+    await makeImage(raw, 'raw', String(size), `write -P 0x99 ${size - 8192} 8192`, 'write -P 0x12 0 64k');
     await qemuImg('convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', raw, image);
-    const out = join(dir, 'odd-stream.raw');
-    expectOk(await ferry(['convert', '-O', 'raw', image, out]));
-    expect(await imagesIdentical(raw, out)).toBe(true);
+    await expectRawConversion(image, join(dir, 'odd-stream.raw'), raw);
     expect((await info('ferry', image))['virtual-size']).toBe(size);
   });
 
@@ -112,9 +99,7 @@ describe('reading VMDK images produced by qemu-img', () => {
       await qemuImg('convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, raw, image);
       const ours = await info('ferry', image);
       expect(ours['virtual-size']).toBe((await info('qemu', image))['virtual-size']);
-      const out = join(dir, `odd1000-${subformat}.raw`);
-      expectOk(await ferry(['convert', '-O', 'raw', image, out]));
-      expect(await imagesIdentical(image, out)).toBe(true);
+      await expectRawConversion(image, join(dir, `odd1000-${subformat}.raw`));
     }
   });
 
@@ -122,18 +107,12 @@ describe('reading VMDK images produced by qemu-img', () => {
     const base = join(dir, 'parent-base.vmdk');
     const top = join(dir, 'parent-top.vmdk');
     const baseRaw = join(dir, 'parent-base.raw');
-    await qemuImg('create', '-q', '-f', 'raw', baseRaw, '16M');
-    await qemuIo(baseRaw, 'raw', 'write -P 0x33 0 16M');
+    await makeImage(baseRaw, 'raw', '16M', 'write -P 0x33 0 16M');
     await qemuImg('convert', '-O', 'vmdk', baseRaw, base);
     await qemuImg('create', '-q', '-f', 'vmdk', '-o', 'zeroed_grain=on', '-b', 'parent-base.vmdk', '-F', 'vmdk', top);
     await qemuIo(top, 'vmdk', 'write -P 0x44 1M 128k', 'write -z 4M 1M', 'write -P 0x55 15M 64k');
-    const out = join(dir, 'parent-top.raw');
-    expectOk(await ferry(['convert', '-O', 'raw', top, out]));
-    expect(await imagesIdentical(top, out)).toBe(true);
-    const ours = JSON.parse((await ferry(['info', '--output=json', '--backing-chain', top])).stdout);
-    const theirs = JSON.parse(await qemuImg('info', '--output=json', '--backing-chain', top));
-    const chainFacts = (l: Array<Record<string, unknown>>) => l.map((i) => [i.filename, i.format, i['virtual-size'], i['backing-filename']]);
-    expect(chainFacts(ours)).toEqual(chainFacts(theirs));
+    await expectRawConversion(top, join(dir, 'parent-top.raw'));
+    const { ours, theirs } = await expectBackingChainAsQemu(top);
     expect(infoFacts(ours[0])).toEqual(infoFacts(theirs[0]));
   });
 
@@ -144,7 +123,7 @@ describe('reading VMDK images produced by qemu-img', () => {
     const top = join(folder, 'top.vmdk');
     await qemuImg('create', '-q', '-f', 'vmdk', base, '4M');
     await qemuImg('create', '-q', '-f', 'vmdk', '-b', 'base.vmdk', '-F', 'vmdk', top);
-    expectOk(await ferry(['convert', '-O', 'raw', top, join(folder, 'fresh.raw')]));
+    await ferryOk(['convert', '-O', 'raw', top, join(folder, 'fresh.raw')]);
     await qemuIo(base, 'vmdk', 'write -P 0x21 0 64k'); // a write gives the parent a new CID
     await expect(qemuImg('convert', '-O', 'raw', top, join(folder, 'qemu.raw'))).rejects.toThrow();
     const r = await ferry(['convert', '-O', 'raw', top, join(folder, 'stale.raw')]);
@@ -155,13 +134,10 @@ describe('reading VMDK images produced by qemu-img', () => {
   it('a hand-written descriptor with FLAT (at an offset) and SPARSE extents reads as qemu reads it', async () => {
     const folder = join(dir, 'multi');
     await mkdir(folder);
-    await qemuImg('create', '-q', '-f', 'raw', join(folder, 'a.raw'), '1M');
-    await qemuIo(join(folder, 'a.raw'), 'raw', 'write -P 0x61 0 1M');
-    await qemuImg('create', '-q', '-f', 'raw', join(folder, 'b.raw'), '3M');
-    await qemuIo(join(folder, 'b.raw'), 'raw', 'write -P 0x62 0 1M', 'write -P 0x63 1M 2M');
+    await makeImage(join(folder, 'a.raw'), 'raw', '1M', 'write -P 0x61 0 1M');
+    await makeImage(join(folder, 'b.raw'), 'raw', '3M', 'write -P 0x62 0 1M', 'write -P 0x63 1M 2M');
     const sparseRaw = join(folder, 'c.raw');
-    await qemuImg('create', '-q', '-f', 'raw', sparseRaw, '2M');
-    await qemuIo(sparseRaw, 'raw', 'write -P 0x64 512k 64k');
+    await makeImage(sparseRaw, 'raw', '2M', 'write -P 0x64 512k 64k');
     await qemuImg('convert', '-O', 'vmdk', sparseRaw, join(folder, 'c.vmdk'));
     const image = join(folder, 'multi.vmdk');
     await writeFile(
@@ -169,9 +145,7 @@ describe('reading VMDK images produced by qemu-img', () => {
       '# Disk DescriptorFile\nversion=1\nCID=1234abcd\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n' +
         '# Extent description\nRW 2048 FLAT "a.raw" 0\nRW 4096 FLAT "b.raw" 2048\nRW 4096 SPARSE "c.vmdk"\n\nddb.adapterType = "ide"\n',
     );
-    const out = join(folder, 'multi.out.raw');
-    expectOk(await ferry(['convert', '-O', 'raw', image, out]));
-    expect(await imagesIdentical(image, out)).toBe(true);
+    await expectRawConversion(image, join(folder, 'multi.out.raw'));
     expect(infoFacts(await info('ferry', image))).toEqual(infoFacts(await info('qemu', image)));
     // Plain extents are mapped to their own files, so the copy reads them directly.
     const map = (await ferry(['map', image])).stdout;
@@ -192,7 +166,7 @@ describe('reading VMDK images produced by qemu-img', () => {
     const expected = join(folder, 'expected.raw');
     await writeFile(expected, Buffer.concat([Buffer.alloc(1024 * 1024, 0x61), Buffer.alloc(512 * 1024), Buffer.alloc(1024 * 1024, 0x62)]));
     const out = join(folder, 'zero.out.raw');
-    expectOk(await ferry(['convert', '-O', 'raw', image, out]));
+    await ferryOk(['convert', '-O', 'raw', image, out]);
     expect((await stat(out)).size).toBe(2.5 * 1024 * 1024);
     expect(await imagesIdentical(expected, out)).toBe(true);
     const ours = await info('ferry', image);
@@ -229,8 +203,7 @@ describe('reading VMDK images produced by qemu-img', () => {
     const head = '# Disk DescriptorFile\nversion=1\nCID=00000001\nparentCID=ffffffff\ncreateType="vmfsSparse"\n\n';
     await writeFile(descriptor, `${head}RW ${capacity} VMFSSPARSE "esx-sparse.vmdk"\n`);
     const alone = `${cowd}.raw`;
-    expectOk(await ferry(['convert', '-O', 'raw', cowd, alone]));
-    expect(await imagesIdentical(cowd, alone)).toBe(true);
+    await expectRawConversion(cowd, alone);
     // All but the CIDs, which QEMU reads from the sector after any sparse header (ESX extents keep none).
     const withoutCid = async (tool: 'ferry' | 'qemu') => ({ ...(infoFacts(await info(tool, cowd)) as object), cid: 0, 'parent-cid': 0 });
     expect(await withoutCid('ferry')).toEqual(await withoutCid('qemu'));
@@ -239,7 +212,7 @@ describe('reading VMDK images produced by qemu-img', () => {
     // qemu 7.2 lists a VMFSSPARSE extent twice (an 8 MiB disk from 8192 sectors), so Ferry's own reading of
     // the extent alone is the reference here.
     const viaDescriptor = `${descriptor}.raw`;
-    expectOk(await ferry(['convert', '-O', 'raw', descriptor, viaDescriptor]));
+    await ferryOk(['convert', '-O', 'raw', descriptor, viaDescriptor]);
     expect((await readFile(viaDescriptor)).equals(raw)).toBe(true);
     expect((await info('ferry', descriptor))['format-specific'].data['create-type']).toBe('vmfsSparse');
   });
@@ -263,14 +236,8 @@ describe('reading VMDK images produced by qemu-img', () => {
 
 describe('writing VMDK', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
   let source: string;
-
-  beforeAll(async () => {
-    ({ dir, cleanup } = await tempDir());
-    source = await makePatternedRaw(dir);
-  });
-  afterAll(() => cleanup());
+  inTempDirWithPatternedSource((made) => ({ dir, source } = made));
 
   const subformats = ['monolithicSparse', 'streamOptimized', 'monolithicFlat', 'twoGbMaxExtentSparse', 'twoGbMaxExtentFlat'];
 
@@ -279,12 +246,10 @@ describe('writing VMDK', () => {
       const folder = join(dir, subformat);
       await mkdir(folder);
       const out = join(folder, 'disk.vmdk');
-      expectOk(await ferry(['convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, source, out]));
+      await ferryOk(['convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, source, out]);
       expect(await imagesIdentical(source, out)).toBe(true);
       await qemuCheckPasses(out);
-      const back = join(folder, 'back.raw');
-      expectOk(await ferry(['convert', '-O', 'raw', out, back]));
-      expect(await imagesIdentical(source, back)).toBe(true);
+      await expectRawConversion(out, join(folder, 'back.raw'), source);
       expect(infoFacts(await info('ferry', out))).toEqual(infoFacts(await info('qemu', out)));
       // Nothing but the image's own files (and the read-back copy) is left in the folder.
       const names: Record<string, string[]> = {
@@ -302,16 +267,13 @@ describe('writing VMDK', () => {
     const folder = join(dir, 'split');
     await mkdir(folder);
     const raw = join(folder, 'big.raw');
-    await qemuImg('create', '-q', '-f', 'raw', raw, String(5 * 1024 ** 3 + 64 * 1024));
-    await qemuIo(raw, 'raw', 'write -P 0x37 2047M 2M', 'write -P 0x39 4095M 3M', `write -P 0x3a ${5 * 1024 ** 3} 64k`);
+    await makeImage(raw, 'raw', String(5 * 1024 ** 3 + 64 * 1024), 'write -P 0x37 2047M 2M', 'write -P 0x39 4095M 3M', `write -P 0x3a ${5 * 1024 ** 3} 64k`);
     for (const subformat of ['twoGbMaxExtentSparse', 'twoGbMaxExtentFlat']) {
       const theirs = join(folder, `qemu-${subformat}.vmdk`);
       await qemuImg('convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, raw, theirs);
-      const back = join(folder, `qemu-${subformat}.raw`);
-      expectOk(await ferry(['convert', '-O', 'raw', theirs, back]));
-      expect(await imagesIdentical(raw, back)).toBe(true);
+      await expectRawConversion(theirs, join(folder, `qemu-${subformat}.raw`), raw);
       const ours = join(folder, `ferry-${subformat}.vmdk`);
-      expectOk(await ferry(['convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, raw, ours]));
+      await ferryOk(['convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, raw, ours]);
       expect(await imagesIdentical(raw, ours)).toBe(true);
       await qemuCheckPasses(ours);
       expect((await descriptorOf(ours)).match(/^RW \d+ \w+ ".*"/gm)).toHaveLength(3);
@@ -335,7 +297,7 @@ describe('writing VMDK', () => {
       await mkdir(folder);
       const ours = join(folder, 'ferry.vmdk');
       const theirs = join(folder, 'qemu.vmdk');
-      expectOk(await ferry(['convert', '-O', 'vmdk', '-o', opts, source, ours]));
+      await ferryOk(['convert', '-O', 'vmdk', '-o', opts, source, ours]);
       await qemuImg('convert', '-O', 'vmdk', '-o', opts, source, theirs);
       const a = comparableDescriptor(await descriptorOf(ours), 'ferry');
       const b = comparableDescriptor(await descriptorOf(theirs), 'qemu');
@@ -348,7 +310,7 @@ describe('writing VMDK', () => {
     for (const opts of ['subformat=monolithicSparse', 'zeroed_grain=on']) {
       const ours = join(dir, `layout-ferry-${opts.replace(/\W+/g, '_')}.vmdk`);
       const theirs = join(dir, `layout-qemu-${opts.replace(/\W+/g, '_')}.vmdk`);
-      expectOk(await ferry(['convert', '-O', 'vmdk', '-o', opts, source, ours]));
+      await ferryOk(['convert', '-O', 'vmdk', '-o', opts, source, ours]);
       await qemuImg('convert', '-O', 'vmdk', '-o', opts, source, theirs);
       const a = await readFile(ours);
       const b = await readFile(theirs);
@@ -367,7 +329,7 @@ describe('writing VMDK', () => {
 
   it('streamOptimized is laid out as a stream: version 3, markers for every grain and table, footer and end-of-stream', async () => {
     const out = join(dir, 'layout-stream.vmdk');
-    expectOk(await ferry(['convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', source, out]));
+    await ferryOk(['convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', source, out]);
     const b = await readFile(out);
     expect(b.subarray(0, 4).toString('latin1')).toBe('KDMV');
     expect(b.readUInt32LE(4)).toBe(3);
@@ -429,7 +391,7 @@ describe('writing VMDK', () => {
       await writeFile(raw, data);
       for (const subformat of ['streamOptimized', 'monolithicSparse', 'monolithicFlat']) {
         const out = join(dir, `short-${size}-${subformat}.vmdk`);
-        expectOk(await ferry(['convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, raw, out]));
+        await ferryOk(['convert', '-O', 'vmdk', '-o', `subformat=${subformat}`, raw, out]);
         expect(await imagesIdentical(raw, out), `${subformat} ${size}`).toBe(true);
         const theirs = await info('qemu', out);
         expect(theirs['virtual-size']).toBe(Math.ceil(size / SECTOR) * SECTOR);
@@ -441,7 +403,7 @@ describe('writing VMDK', () => {
 
   it('-S 0 writes zeroes as data: every grain of the stream is stored', async () => {
     const out = join(dir, 'dense-stream.vmdk');
-    expectOk(await ferry(['convert', '-S', '0', '-O', 'vmdk', '-o', 'subformat=streamOptimized', source, out]));
+    await ferryOk(['convert', '-S', '0', '-O', 'vmdk', '-o', 'subformat=streamOptimized', source, out]);
     expect(await imagesIdentical(source, out)).toBe(true);
     const map = JSON.parse(await qemuImg('map', '--output=json', out)) as Array<Record<string, unknown>>;
     expect(map.every((m) => m.data === true)).toBe(true);
@@ -451,18 +413,18 @@ describe('writing VMDK', () => {
     const qcow = join(dir, 'cross-src.qcow2');
     await qemuImg('convert', '-c', '-O', 'qcow2', source, qcow);
     const stream = join(dir, 'cross.vmdk');
-    expectOk(await ferry(['convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', qcow, stream]));
+    await ferryOk(['convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', qcow, stream]);
     const again = join(dir, 'cross.qcow2');
-    expectOk(await ferry(['convert', '-O', 'qcow2', stream, again]));
+    await ferryOk(['convert', '-O', 'qcow2', stream, again]);
     expect(await imagesIdentical(source, again)).toBe(true);
     const theirs = join(dir, 'cross-qemu.vmdk');
     await qemuImg('convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', qcow, theirs);
     const fromTheirs = join(dir, 'cross-qemu.qcow2');
-    expectOk(await ferry(['convert', '-O', 'qcow2', theirs, fromTheirs]));
+    await ferryOk(['convert', '-O', 'qcow2', theirs, fromTheirs]);
     await qemuCheckPasses(fromTheirs);
     expect(await imagesIdentical(source, fromTheirs)).toBe(true);
     const sparse = join(dir, 'cross-sparse.vmdk');
-    expectOk(await ferry(['convert', '-O', 'vmdk', fromTheirs, sparse]));
+    await ferryOk(['convert', '-O', 'vmdk', fromTheirs, sparse]);
     expect(await imagesIdentical(source, sparse)).toBe(true);
   });
 
@@ -490,8 +452,7 @@ describe('writing VMDK', () => {
     await mkdir(folder);
     // A qcow2 source whose compressed cluster in the middle of the disk is garbage: found only while copying.
     const raw = join(folder, 'src.raw');
-    await qemuImg('create', '-q', '-f', 'raw', raw, '8M');
-    await qemuIo(raw, 'raw', 'write -P 0x42 0 8M');
+    await makeImage(raw, 'raw', '8M', 'write -P 0x42 0 8M');
     const bad = join(folder, 'src.qcow2');
     await qemuImg('convert', '-c', '-O', 'qcow2', raw, bad);
     const b = await readFile(bad);
@@ -516,21 +477,18 @@ describe('writing VMDK', () => {
  */
 describe('hostile VMDK inputs', () => {
   let dir: string;
-  let cleanup: () => Promise<void>;
   let sparse: Buffer;
   let stream: Buffer;
 
-  beforeAll(async () => {
-    ({ dir, cleanup } = await tempDir());
+  inTempDir(async (made) => {
+    dir = made;
     const raw = join(dir, 'small.raw');
-    await qemuImg('create', '-q', '-f', 'raw', raw, '8M');
-    await qemuIo(raw, 'raw', 'write -P 0xab 0 1M', 'write -P 0xcd 5M 64k');
+    await makeImage(raw, 'raw', '8M', 'write -P 0xab 0 1M', 'write -P 0xcd 5M 64k');
     await qemuImg('convert', '-O', 'vmdk', raw, join(dir, 'small.vmdk'));
     sparse = await readFile(join(dir, 'small.vmdk'));
-    expectOk(await ferry(['convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', raw, join(dir, 'small-stream.vmdk')]));
+    await ferryOk(['convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', raw, join(dir, 'small-stream.vmdk')]);
     stream = await readFile(join(dir, 'small-stream.vmdk'));
   });
-  afterAll(() => cleanup());
 
   /** Writes `files` into a folder (null: made there already), converts `input.vmdk` and checks the refusal. */
   async function expectRefused(name: string, files: Record<string, Buffer | string | null>, pattern: RegExp): Promise<void> {
@@ -670,7 +628,7 @@ describe('hostile VMDK inputs', () => {
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/backing file .* outside the image's folder/);
     expect(await readdir(folder)).toEqual(['input.vmdk']);
-    expectOk(await ferry(['convert', '--allow-external', '-O', 'raw', top, join(folder, 'out.raw')]));
+    await ferryOk(['convert', '--allow-external', '-O', 'raw', top, join(folder, 'out.raw')]);
     expect(await imagesIdentical(outside, join(folder, 'out.raw'))).toBe(true);
   });
 
@@ -680,7 +638,7 @@ describe('hostile VMDK inputs', () => {
     const outside = join(dir, 'outside-flat.raw');
     await writeFile(outside, Buffer.alloc(8192, 0x6b));
     await writeFile(join(folder, 'input.vmdk'), descriptor(`createType="monolithicFlat"\nRW 16 FLAT "${outside}" 0\n`));
-    expectOk(await ferry(['convert', '--allow-external', '-O', 'raw', join(folder, 'input.vmdk'), join(folder, 'out.raw')]));
+    await ferryOk(['convert', '--allow-external', '-O', 'raw', join(folder, 'input.vmdk'), join(folder, 'out.raw')]);
     expect((await readFile(join(folder, 'out.raw'))).equals(await readFile(outside))).toBe(true);
   });
 

@@ -14,6 +14,8 @@ PACKAGES=(
   "openssh-server:/usr/sbin/sshd" # capture tests start their own sshd on a free loopback port
   "openssh-client:ssh-keygen"
   "sudo:sudo"                    # capture tests: an unprivileged login reading the source through sudo
+  "lvm2:/usr/sbin/lvm"           # capture tests: LVM snapshots, in a small guest (lvm and sshd copied into its initramfs)
+  "kmod:modprobe"                # capture tests: the LVM guest's kernel modules, in dependency order
   "chromium:chromium"            # the dashboard's browser test (driven by playwright-core, no browser download)
   "make:make"
   "g++:g++"

@@ -8,7 +8,7 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { findDriver } from '../convert/registry.js';
 import { resolveOptions } from '../convert/options.js';
-import { InvalidOptionError } from '../errors.js';
+import { InvalidOptionError, errorMessage } from '../errors.js';
 import { MAX_CHUNK, MIN_CHUNK } from '../transfer/protocol.js';
 import { RateLimiter } from '../transfer/rate-limiter.js';
 import { knownHostsPolicy, pinnedHostKeys, type HostKeyPolicy } from './known-hosts.js';
@@ -16,6 +16,9 @@ import { describeMachine, type MachineDescription } from './machine.js';
 import { CaptureSession, type CaptureProgress, type CaptureResult, type CaptureSettings } from './session.js';
 import { SshConnection, type SshAuth, type SshTarget } from './ssh-connection.js';
 import { SshBlockSource } from './ssh-source.js';
+import { CaptureConsistencyError } from './errors.js';
+import { findLvmVolume, snapshotSize, takeSnapshot, type TemporarySnapshot } from './lvm-snapshot.js';
+import type { Logger } from 'pino';
 
 export interface TransferSettings {
   /** Agent processes reading in parallel (SSH exec channels on one connection). */
@@ -103,11 +106,43 @@ async function captureOne(
   onProgress: ((p: CaptureProgress) => void) | undefined,
 ): Promise<CaptureResult> {
   const limiter = req.transfer.bandwidth ? new RateLimiter(req.transfer.bandwidth) : undefined;
-  const source = await SshBlockSource.open(conn, device, { channels: req.transfer.channels, level: req.transfer.level, limiter });
+  const snapshot = req.settings.snapshot ? await snapshotOf(conn, device, req.settings.log) : undefined;
   try {
-    return await new CaptureSession(source, { ...req.settings, dest, onProgress }).run();
+    const source = await SshBlockSource.open(conn, device, { channels: req.transfer.channels, level: req.transfer.level, limiter, readFrom: snapshot?.path });
+    try {
+      const result = await new CaptureSession(source, { ...req.settings, dest, onProgress }).run();
+      return snapshot ? { ...result, snapshot: { name: snapshot.name, cowBytes: snapshot.size } } : result;
+    } catch (err) {
+      if (snapshot && (await snapshot.overflowed().catch(() => false))) {
+        throw new CaptureConsistencyError(
+          `the snapshot of ${device} overflowed its ${snapshot.size} bytes of copy-on-write space while it was read (the volume changed faster than it could be copied): ` +
+            'free space in the volume group and run the same command again (only the rest is fetched), or capture with --no-snapshot',
+          { cause: err },
+        );
+      }
+      throw err;
+    } finally {
+      await source.close();
+    }
   } finally {
-    await source.close();
+    await snapshot?.release();
+  }
+}
+
+/** A temporary snapshot of `device` when it is an LVM volume whose group has room; the reason is logged when not. */
+async function snapshotOf(conn: SshConnection, device: string, log: Logger): Promise<TemporarySnapshot | undefined> {
+  const volume = await findLvmVolume(conn, device);
+  if (!volume) return undefined;
+  const fit = snapshotSize(volume);
+  if ('reason' in fit) {
+    log.warn({ device, reason: fit.reason }, 'no LVM snapshot: reading the volume live');
+    return undefined;
+  }
+  try {
+    return await takeSnapshot(conn, volume, fit.size, log);
+  } catch (err) {
+    log.warn({ device, reason: errorMessage(err) }, 'no LVM snapshot: reading the volume live');
+    return undefined;
   }
 }
 

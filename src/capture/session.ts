@@ -23,6 +23,8 @@ export interface CaptureSettings {
   sync: boolean;
   /** Freeze the device's mounted filesystems for the final pass. */
   freeze: boolean;
+  /** Read an LVM logical volume from a temporary snapshot when its volume group has room (capture.ts). */
+  snapshot: boolean;
   freezeTimeoutMs: number;
   /** Live passes, the first full copy included; a frozen final pass comes on top. */
   maxPasses: number;
@@ -66,6 +68,8 @@ export interface CaptureResult {
   passes: number;
   /** Mount points frozen for the final pass; empty when none was frozen. */
   frozen: string[];
+  /** The temporary LVM snapshot read instead of the volume, when one was taken. */
+  snapshot?: { name: string; cowBytes: number };
   /** Bytes fetched again by the incremental passes. */
   changedBytes: number;
   filesystems: FilesystemArea[];

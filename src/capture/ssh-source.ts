@@ -43,6 +43,8 @@ export interface SshSourceOptions {
   /** zstd level the agent compresses with; 0 sends data plain. */
   level: number;
   limiter?: RateLimiter;
+  /** The device the agents read instead of the one the source names: a temporary snapshot of it. */
+  readFrom?: string;
 }
 
 /**
@@ -71,6 +73,8 @@ export class SshBlockSource implements BlockSource {
     readonly sectorSize: number,
     readonly blockDevice: boolean,
     private readonly level: number,
+    /** What the agents read: `device`, or a snapshot of it (whose mounts, none, are what a freeze would see). */
+    private readonly readDevice: string,
   ) {
     this.wireBaseline = conn.bytesReceived;
     starting.catch((err: unknown) => (this.lateFailure ??= err instanceof Error ? err : new Error(String(err))));
@@ -78,10 +82,11 @@ export class SshBlockSource implements BlockSource {
 
   static async open(conn: SshConnection, device: string, opts: SshSourceOptions): Promise<SshBlockSource> {
     const where = describeTarget(conn.target, device);
+    const readDevice = opts.readFrom ?? device;
     const dir = await pushAgent(conn, where);
     const channels: AgentChannel[] = [];
     const startAgent = async () => {
-      const ch = await conn.execChannel(`${shellQuote(`${dir}/ferry-agent`)} ${shellQuote(device)}`, { asRoot: true });
+      const ch = await conn.execChannel(`${shellQuote(`${dir}/ferry-agent`)} ${shellQuote(readDevice)}`, { asRoot: true });
       const agent = await AgentChannel.start({ output: ch, input: ch, errors: ch.stderr, where }, opts.limiter);
       channels.push(agent);
       return agent;
@@ -102,7 +107,7 @@ export class SshBlockSource implements BlockSource {
     starting.catch(() => undefined);
     try {
       const info = await (await first).info();
-      return new SshBlockSource(conn, device, channels, starting, opts.channels, info.size, info.sectorSize, info.blockDevice, opts.level);
+      return new SshBlockSource(conn, device, channels, starting, opts.channels, info.size, info.sectorSize, info.blockDevice, opts.level, readDevice);
     } catch (err) {
       await starting.catch(() => undefined);
       for (const ch of channels) ch.close();
@@ -146,7 +151,7 @@ export class SshBlockSource implements BlockSource {
     if (!this.blockDevice) return [];
     // MOUNTPOINTS (all mounts) needs util-linux 2.37; older lsblk only knows MOUNTPOINT.
     for (const column of ['MOUNTPOINTS', 'MOUNTPOINT']) {
-      const r = await this.conn.exec(`lsblk -J -o ${column} ${shellQuote(this.device)}`);
+      const r = await this.conn.exec(`lsblk -J -o ${column} ${shellQuote(this.readDevice)}`);
       if (r.code !== 0) continue;
       const found = new Set<string>();
       const walk = (node: Record<string, unknown>) => {

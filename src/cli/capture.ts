@@ -39,6 +39,7 @@ export function registerCapture(program: Command): void {
     .option('--chunk-size <size>', 'unit of transfer, hashing and resume', '256k')
     .option('--sync', 'bring an existing DEST up to date with the source (incremental pass only)')
     .option('--no-freeze', 'do not freeze filesystems for the final pass')
+    .option('--no-snapshot', 'read an LVM logical volume live even when its volume group has room for a temporary snapshot')
     .option('--freeze-timeout <seconds>', 'longest the filesystems stay frozen; the source thaws them by itself after it', '30')
     .option('--max-passes <n>', 'live passes before the final one', '6')
     .option('--converge <size>', 'freeze once a live pass fetches no more than this', '64M')
@@ -69,6 +70,7 @@ export function registerCapture(program: Command): void {
         chunkSize: parseSize(o.chunkSize, '--chunk-size'),
         sync: o.sync === true,
         freeze: o.freeze !== false,
+        snapshot: o.snapshot !== false,
         freezeTimeoutMs: Math.round(freezeTimeout * 1000),
         maxPasses: parseCount(o.maxPasses, '--max-passes', 1, 100),
         convergeBytes: parseSize(o.converge, '--converge'),

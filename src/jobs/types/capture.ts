@@ -82,6 +82,7 @@ const CAPTURE_SETTINGS = {
   chunkSize: 256 * 1024,
   sync: false,
   freeze: true,
+  snapshot: true,
   freezeTimeoutMs: 30_000,
   maxPasses: 6,
   convergeBytes: 64 * 1024 * 1024,

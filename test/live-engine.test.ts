@@ -8,7 +8,7 @@ import { LivePageKind } from '../src/live/protocol.js';
 import { PageLedger, digestFilePages, subtractPages, unionPages } from '../src/live/ledger.js';
 import { PageHashTracker } from '../src/live/dirty/page-hash.js';
 import { RateLimiter, VirtualClock } from '../src/live/clock.js';
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -291,17 +291,31 @@ describe('page encoding (native)', () => {
   });
 });
 
+/**
+ * A RAM file of `pageCount` zero pages under `base`, its ledger (the destination holds zeroes) and a started
+ * page-hash tracker over it, for `use`; everything is removed afterwards.
+ */
+async function withTrackedRam(base: string, pageCount: number, use: (file: FileHandle, ledger: PageLedger, tracker: PageHashTracker) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join(base, 'ferry-page-hash-'));
+  const file = await open(join(dir, 'ram'), 'w+');
+  try {
+    await file.truncate(pageCount * PAGE);
+    const ledger = new PageLedger(pageCount);
+    await digestFilePages(file.fd, PAGE, pageCount, ledger.digests);
+    const tracker = new PageHashTracker(file.fd, PAGE, pageCount);
+    await tracker.start(ledger);
+    await use(file, ledger, tracker);
+    await tracker.close();
+  } finally {
+    await file.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
 describe('dirty tracking by page hashes', () => {
   it('reports changed pages slice by slice in page order; a page sent during the pass is not reported', async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'ferry-page-hash-'));
     const pageCount = 2 * 8192 + 100; // two whole slices and a short one
-    const file = await open(join(dir, 'ram'), 'w+');
-    try {
-      await file.truncate(pageCount * PAGE);
-      const ledger = new PageLedger(pageCount);
-      await digestFilePages(file.fd, PAGE, pageCount, ledger.digests);
-      const tracker = new PageHashTracker(file.fd, PAGE, pageCount);
-      await tracker.start(ledger);
+    await withTrackedRam(tmpdir(), pageCount, async (file, ledger, tracker) => {
       const written = randomFillSync(Buffer.alloc(PAGE));
       for (const page of [3, 9000, 16_400]) await file.write(written, 0, PAGE, page * PAGE);
       const slices: Array<{ pages: number[]; end: number }> = [];
@@ -320,26 +334,13 @@ describe('dirty tracking by page hashes', () => {
         { pages: [], end: pageCount },
       ]);
       expect(Array.from(all)).toEqual([3, 9000]);
-      await tracker.close();
-    } finally {
-      await file.close();
-      await rm(dir, { recursive: true, force: true });
-    }
+    });
   });
-});
 
-describe('dirty tracking without reading holes or known pages', () => {
+  // On tmpfs, as guest RAM files are: reading a hole through a shared mapping there would allocate it.
   it('digests holes as zero pages without allocating them, and leaves known pages out', async () => {
-    // On tmpfs, as guest RAM files are: reading a hole through a shared mapping there would allocate it.
-    const dir = await mkdtemp(join('/dev/shm', 'ferry-page-hash-'));
     const pageCount = 1024;
-    const file = await open(join(dir, 'ram'), 'w+');
-    try {
-      await file.truncate(pageCount * PAGE);
-      const ledger = new PageLedger(pageCount);
-      await digestFilePages(file.fd, PAGE, pageCount, ledger.digests);
-      const tracker = new PageHashTracker(file.fd, PAGE, pageCount);
-      await tracker.start(ledger);
+    await withTrackedRam('/dev/shm', pageCount, async (file, _ledger, tracker) => {
       for (const page of [5, 7, 900]) await file.write(randomFillSync(Buffer.alloc(PAGE)), 0, PAGE, page * PAGE);
       // Page 5 is known dirty: not read, not reported.
       expect(Array.from(await tracker.collect(undefined, Uint32Array.of(5)))).toEqual([7, 900]);
@@ -347,11 +348,7 @@ describe('dirty tracking without reading holes or known pages', () => {
       expect(Array.from(native.dataSegments(file.fd, 0, pageCount * PAGE, 16))).toEqual([5 * PAGE, 6 * PAGE, 7 * PAGE, 8 * PAGE, 900 * PAGE, 901 * PAGE, pageCount * PAGE]);
       // Not sent, so still dirty once it is examined.
       expect(Array.from(await tracker.collect())).toEqual([5, 7, 900]);
-      await tracker.close();
-    } finally {
-      await file.close();
-      await rm(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
 

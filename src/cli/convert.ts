@@ -46,7 +46,7 @@ export function registerConvert(program: Command): void {
     .option('-p', 'show a progress bar')
     .option('--progress <mode>', 'progress output: bar (stderr) or json (JSON lines on stdout, for programs)')
     .option('-S, --sparse-size <size>', 'zero detection granularity; 0 writes every byte', '4k')
-    .option('-m, --parallel <n>', 'parallel copy workers', '8')
+    .option('-m, --parallel <n>', 'parallel copy workers (default: 2 per core, at most 8)')
     .option('-n, --no-create', 'write into an existing target instead of creating it (raw and qcow2 targets; it must be at least as large as SRC)')
     .option('--target-is-zero', 'the target already reads as zeroes: do not write zero ranges (with -n)')
     .option('-t, --cache <mode>', `output cache mode: unsafe (no fsync, as qemu-img) or writeback/none/... (fsync before the rename)`, 'unsafe')
@@ -64,7 +64,7 @@ export function registerConvert(program: Command): void {
       const mode = o.quiet ? 'none' : progressMode(o.p, o.progress);
       const progress = createProgress(mode, 'convert');
       const { convertImage } = await import('../convert/convert.js');
-      const copying = { workers: parseCount(o.parallel, '-m', 1, 64), sparseSize: parseSize(o.sparseSize, '-S') };
+      const copying = { workers: o.parallel === undefined ? undefined : parseCount(o.parallel, '-m', 1, 64), sparseSize: parseSize(o.sparseSize, '-S') };
       // A streamOptimized VMDK is written once, front to back: neither QEMU nor libguestfs can change it
       // afterwards. The guest is fixed on a qcow2 copy beside DST first, which then becomes DST.
       const staged = o.inject !== undefined && (await writtenOnce(o.outputFormat, o.options));

@@ -100,6 +100,8 @@ export interface CapturedImage {
   resumedBytes: number;
   passes: number;
   frozen: string[];
+  /** The temporary LVM snapshot read instead of the volume, when one was taken. */
+  snapshot?: { name: string; cowBytes: number };
   bytesOnWire: number;
   elapsedMs: number;
 }
@@ -262,6 +264,7 @@ function capturedImage(r: CaptureResult, path: string): CapturedImage {
     resumedBytes: r.resumedBytes,
     passes: r.passes,
     frozen: r.frozen,
+    ...(r.snapshot ? { snapshot: r.snapshot } : {}),
     bytesOnWire: r.bytesOnWire,
     elapsedMs: Math.round(r.elapsedMs),
   };
@@ -270,7 +273,8 @@ function capturedImage(r: CaptureResult, path: string): CapturedImage {
 function describeImage(i: CapturedImage): string {
   const resumed = i.start === 'resumed' ? `resumed with ${formatSize(i.resumedBytes)} already captured, ` : '';
   const frozen = i.frozen.length ? `, frozen: ${i.frozen.join(' ')}` : '';
-  return `captured ${i.source} into ${i.path}: ${resumed}${formatSize(i.capturedBytes)} in use, ${formatSize(i.bytesOnWire)} on the wire, ${i.passes} pass(es)${frozen}, verified`;
+  const snapshot = i.snapshot ? `, read from LVM snapshot ${i.snapshot.name}` : '';
+  return `captured ${i.source} into ${i.path}: ${resumed}${formatSize(i.capturedBytes)} in use, ${formatSize(i.bytesOnWire)} on the wire, ${i.passes} pass(es)${frozen}${snapshot}, verified`;
 }
 
 /**

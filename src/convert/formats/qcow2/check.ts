@@ -2,7 +2,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { CorruptImageError } from '../../../errors.js';
 import type { CheckReport } from '../../format.js';
 import { readFully } from '../../output-file.js';
-import { compressedRange, l2Entries, parseExtensions, parseHeader, readRefcount, type Qcow2Header } from './layout.js';
+import { compressedRange, l2Entries, readHeader, readRefcount, type Qcow2Header } from './layout.js';
 
 /** Checking needs a counter per host cluster; beyond this the image is too large to check in memory. */
 const MAX_CHECK_CLUSTERS = 256 * 1024 * 1024;
@@ -40,11 +40,9 @@ class Checker {
   ) {}
 
   async run(): Promise<CheckReport> {
-    this.fileSize = (await this.handle.stat()).size;
-    const head = Buffer.alloc(Math.min(this.fileSize, 2 * 1024 * 1024));
-    await readFully(this.handle, head, 0, head.length, 0);
-    this.h = parseHeader(head, this.fileSize, this.path);
-    const ext = parseExtensions(head.subarray(0, this.h.clusterSize), this.h, this.path);
+    const { fileSize, header, extensions: ext } = await readHeader(this.handle, this.path);
+    this.fileSize = fileSize;
+    this.h = header;
     const cs = this.h.clusterSize;
     const nbClusters = Math.ceil(this.fileSize / cs);
     if (nbClusters > MAX_CHECK_CLUSTERS) throw new CorruptImageError(`image has ${nbClusters} clusters, too many to check`, { file: this.path });

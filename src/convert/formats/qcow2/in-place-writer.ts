@@ -3,7 +3,7 @@ import { CancelledError, CorruptImageError, InvalidOptionError, UnsupportedFeatu
 import { native } from '../../../native.js';
 import type { DiskWriter } from '../../disk.js';
 import { readFully } from '../../output-file.js';
-import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, compressedRange, l2Entries, parseExtensions, parseHeader, type Qcow2Header } from './layout.js';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, compressedRange, l2Entries, readHeader, type Qcow2Header } from './layout.js';
 import { RefcountStore } from './refcount-store.js';
 
 export interface InPlaceOptions {
@@ -112,11 +112,7 @@ export class Qcow2InPlaceWriter implements DiskWriter {
   static async open(path: string, sourceSize: number, opts: InPlaceOptions = {}): Promise<Qcow2InPlaceWriter> {
     const handle = await open(path, 'r+');
     try {
-      const { size: fileSize } = await handle.stat();
-      const head = Buffer.alloc(Math.min(fileSize, 2 * 1024 * 1024));
-      await readFully(handle, head, 0, head.length, 0);
-      const header = parseHeader(head, fileSize, path);
-      const extensions = parseExtensions(head.subarray(0, header.clusterSize), header, path);
+      const { fileSize, header, extensions } = await readHeader(handle, path);
       const refuse = (msg: string, field: string) => new UnsupportedFeatureError(`-n: ${msg}`, { file: path, field });
       if (header.incompatible & INCOMPAT_DIRTY) throw refuse('the image is dirty (lazy refcounts not written back); run qemu-img check -r all first', 'incompatible_features');
       if (header.incompatible & INCOMPAT_DATA_FILE) throw refuse('images with an external data file are not supported', 'data_file');

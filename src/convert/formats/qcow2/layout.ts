@@ -3,7 +3,9 @@
  * Parsing validates every field against the file size and QEMU's own limits before anything is allocated,
  * because images come from strangers.
  */
+import type { FileHandle } from 'node:fs/promises';
 import { CorruptImageError, UnsupportedFeatureError, safeNumber } from '../../../errors.js';
+import { readFully } from '../../output-file.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const V2_HEADER_LENGTH = 72;
@@ -76,6 +78,18 @@ export interface HeaderExtensions {
 /** Entries per L2 table: halved with extended L2 (128-bit entries). */
 export function l2Entries(h: Pick<Qcow2Header, 'clusterSize' | 'extendedL2'>): number {
   return h.clusterSize / (h.extendedL2 ? 16 : 8);
+}
+
+/** Bytes read from the start of an image for its header, extensions and backing name (all in cluster 0). */
+const HEAD_BYTES = 2 * 1024 * 1024;
+
+/** Reads and validates an open image's header and extensions; `head` is the first bytes of the file. */
+export async function readHeader(handle: FileHandle, file: string): Promise<{ fileSize: number; head: Buffer; header: Qcow2Header; extensions: HeaderExtensions }> {
+  const { size: fileSize } = await handle.stat();
+  const head = Buffer.alloc(Math.min(fileSize, HEAD_BYTES));
+  await readFully(handle, head, 0, head.length, 0);
+  const header = parseHeader(head, fileSize, file);
+  return { fileSize, head, header, extensions: parseExtensions(head.subarray(0, header.clusterSize), header, file) };
 }
 
 export function parseHeader(buf: Buffer, fileSize: number, file: string): Qcow2Header {

@@ -11,8 +11,7 @@ import {
   INCOMPAT_DIRTY,
   SUBCLUSTERS,
   l2Entries,
-  parseExtensions,
-  parseHeader,
+  readHeader,
   type HeaderExtensions,
   type Qcow2Header,
 } from './layout.js';
@@ -75,11 +74,7 @@ export class Qcow2Layer implements ImageLayer {
   static async open(path: string, ctx: OpenContext): Promise<Qcow2Layer> {
     const handle = await open(path, 'r');
     try {
-      const { size: fileSize } = await handle.stat();
-      const head = Buffer.alloc(Math.min(fileSize, 2 * 1024 * 1024));
-      await readFully(handle, head, 0, head.length, 0);
-      const header = parseHeader(head, fileSize, path);
-      const extensions = parseExtensions(head.subarray(0, header.clusterSize), header, path);
+      const { fileSize, head, header, extensions } = await readHeader(handle, path);
 
       let backing: FileReference | undefined;
       if (header.backingFileOffset) {

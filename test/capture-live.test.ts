@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentChannel } from '../src/capture/agent-channel.js';
-import { ferry, requireTool, ROOT, tempDir } from './helpers/env.js';
+import { doneLine, ferry, requireTool, ROOT, tempDir } from './helpers/env.js';
 import { startSshd, type TestSshd } from './helpers/sshd.js';
 
 const run = promisify(execFile);
@@ -81,11 +81,7 @@ describe('live capture with freeze', () => {
       );
       expect(r.stderr).toBe('');
       expect(r.code).toBe(0);
-      const done = r.stdout
-        .split('\n')
-        .filter((l) => l.startsWith('{'))
-        .map((l) => JSON.parse(l) as Record<string, unknown>)
-        .find((l) => l.type === 'done')!;
+      const done = doneLine(r.stdout);
       expect(done.frozen).toEqual([mountPoint]);
       expect((done.filesystems as Array<{ type: string }>)[0].type).toBe('ext4');
 

@@ -5,7 +5,7 @@ import { createReadStream } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ferry, tempDir } from './helpers/env.js';
+import { doneLine, ferry, tempDir } from './helpers/env.js';
 import { LVM_GUEST_VOLUME, startLvmGuest, type LvmGuest } from './helpers/lvm-guest.js';
 
 let guest: LvmGuest;
@@ -33,12 +33,6 @@ async function md5File(path: string): Promise<string> {
 
 const md5Volume = async () => (await guest.ssh(`md5sum ${LVM_GUEST_VOLUME}`)).split(/\s+/)[0];
 const snapshots = async () => (await guest.ssh('lvs --noheadings -o lv_name vg0')).split(/\s+/).filter((n) => n.startsWith('ferry-snap-'));
-
-function doneLine(stdout: string): Record<string, unknown> {
-  const done = stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.type === 'done');
-  if (!done) throw new Error(`no done line in: ${stdout}`);
-  return done;
-}
 
 describe('ferry capture of an LVM logical volume', () => {
   it('reads a temporary snapshot: the image is the volume as it was when the capture began, while it is rewritten', async () => {

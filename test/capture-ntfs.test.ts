@@ -13,7 +13,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ntfsUsage, type NtfsUsage } from '../src/capture/ntfs.js';
 import type { ReadAt } from '../src/capture/ranges.js';
-import { ferry, imagesIdentical, requireTool, tempDir } from './helpers/env.js';
+import { doneLine, ferry, imagesIdentical, requireTool, tempDir } from './helpers/env.js';
 import { startSshd, type TestSshd } from './helpers/sshd.js';
 
 const run = promisify(execFile);
@@ -418,12 +418,6 @@ describe('NTFS capture over SSH', () => {
   function capture(source: string, dest: string) {
     const url = `ssh://root@127.0.0.1:${sshd.port}${source}`;
     return ferry(['capture', '-i', sshd.userKey, '--known-hosts', sshd.knownHosts, url, dest, '--progress=json'], { timeoutMs: 90_000 });
-  }
-
-  function doneLine(stdout: string): Record<string, unknown> {
-    const done = stdout.split('\n').find((l) => l.includes('"type":"done"'));
-    if (!done) throw new Error(`no done line in: ${stdout}`);
-    return JSON.parse(done) as Record<string, unknown>;
   }
 
   it('of a partitioned disk transfers little more than the used clusters; ntfsfix accepts the copy and the files read back', async () => {

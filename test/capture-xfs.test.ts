@@ -12,7 +12,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ReadAt } from '../src/capture/ranges.js';
 import { xfsUsage, type XfsUsage } from '../src/capture/xfs.js';
-import { ferry, requireTool, tempDir } from './helpers/env.js';
+import { doneLine, ferry, requireTool, tempDir } from './helpers/env.js';
 import { startSshd, type TestSshd } from './helpers/sshd.js';
 
 const run = promisify(execFile);
@@ -266,7 +266,7 @@ describe('XFS capture over SSH', () => {
     const r = await ferry(['capture', '-i', sshd.userKey, '--known-hosts', sshd.knownHosts, url, dest, '--progress=json'], { timeoutMs: 90_000 });
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
-    const done = JSON.parse(r.stdout.split('\n').find((l) => l.includes('"type":"done"'))!) as Record<string, unknown>;
+    const done = doneLine(r.stdout);
     // 12 MiB of incompressible file data plus metadata and the log (mostly repeated headers, compressed).
     expect(done.bytesOnWire as number).toBeLessThan(16 * MiB);
     expect(done.filesystems).toEqual([expect.objectContaining({ type: 'xfs', skippedFree: true })]);

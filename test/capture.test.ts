@@ -5,7 +5,7 @@ import { open, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ferry, imagesIdentical, qemuImg, requireTool, tempDir } from './helpers/env.js';
+import { doneLine, ferry, imagesIdentical, jsonLines, qemuImg, requireTool, tempDir } from './helpers/env.js';
 import { makePatternedRaw } from './helpers/fixtures.js';
 import { startCuttingProxy, startSshd, type TestSshd } from './helpers/sshd.js';
 
@@ -33,19 +33,6 @@ function capture(source: string, dest: string | undefined, extra: string[] = [],
   const url = `ssh://root@127.0.0.1:${port}${source}`;
   const hostKey = port === sshd.port ? ['--known-hosts', sshd.knownHosts] : ['--host-key', sshd.fingerprint];
   return ferry(['capture', '-i', sshd.userKey, ...hostKey, url, ...(dest ? [dest] : []), ...extra], { timeoutMs: 90_000 });
-}
-
-function jsonLines(stdout: string): Array<Record<string, unknown>> {
-  return stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
-}
-
-function doneLine(stdout: string): Record<string, unknown> {
-  const done = jsonLines(stdout).find((l) => l.type === 'done');
-  if (!done) throw new Error(`no done line in: ${stdout}`);
-  return done;
 }
 
 /** Writes `count` blocks of random data at pseudo-random offsets of a file, in place. */

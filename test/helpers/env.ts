@@ -70,3 +70,18 @@ export async function imagesIdentical(a: string, b: string): Promise<boolean> {
     throw err;
   }
 }
+
+/** The JSON lines of a command's --progress=json output. */
+export function jsonLines(stdout: string): Array<Record<string, unknown>> {
+  return stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+/** The final report of a command run with --progress=json (its `type: done` line). */
+export function doneLine(stdout: string): Record<string, unknown> {
+  const done = jsonLines(stdout).find((l) => l.type === 'done');
+  if (!done) throw new Error(`no done line in: ${stdout}`);
+  return done;
+}

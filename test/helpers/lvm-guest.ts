@@ -5,7 +5,7 @@ import { basename, dirname, join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { requireTool } from './env.js';
-import { findKernel } from './qemu-guest.js';
+import { findKernel, packInitramfs } from './qemu-guest.js';
 import { freePort } from './sshd.js';
 
 const run = promisify(execFile);
@@ -111,8 +111,7 @@ export async function startLvmGuest(dir: string): Promise<LvmGuest> {
   };
   for (const [path, text] of Object.entries(files)) await writeFile(join(root, path), text);
   await chmod(join(root, 'init'), 0o755);
-  const initrd = join(dir, 'lvm-initrd.cpio');
-  await run('sh', ['-c', `cd "${root}" && find . | cpio -o -H newc > "${initrd}" 2>/dev/null`]);
+  const initrd = await packInitramfs(root, join(dir, 'lvm-initrd.cpio'));
 
   const disk = join(dir, 'lvm-disk.raw');
   await writeFile(disk, '');

@@ -52,9 +52,14 @@ export async function buildGuest(dir: string, shape: WorkloadShape): Promise<Gue
     `#!/bin/busybox sh\n/bin/busybox --install -s /bin\necho GUEST-BOOTED\nexec /workload ${shape.totalMiB} ${shape.hotMiB} ${shape.rateMiBs}\n`,
   );
   await chmod(join(root, 'init'), 0o755);
-  const initrd = join(dir, 'initrd.cpio');
-  await run('sh', ['-c', `cd "${root}" && find . | cpio -o -H newc > "${initrd}" 2>/dev/null`]);
+  const initrd = await packInitramfs(root, join(dir, 'initrd.cpio'));
   return { kernel, initrd };
+}
+
+/** Packs the folder `root` into a newc cpio archive at `initrd` (an initramfs the kernel unpacks). */
+export async function packInitramfs(root: string, initrd: string): Promise<string> {
+  await run('sh', ['-c', `cd "${root}" && find . | cpio -o -H newc > "${initrd}" 2>/dev/null`]);
+  return initrd;
 }
 
 export interface VmOptions {

@@ -42,8 +42,10 @@ export class PageHashTracker implements DirtyTracker {
     const { ledger, memory, skip } = this;
     if (!ledger || !memory) throw new Error('PageHashTracker.collect before start');
     const { pageSize, pageCount, current } = this;
-    skip.fill(0);
-    if (known) for (const page of known) skip[page] = 1;
+    if (known) {
+      skip.fill(0);
+      for (const page of known) skip[page] = 1;
+    }
     const slices = Math.ceil(pageCount / SLICE_PAGES);
     const hashed: Array<Promise<number>> = [];
     const hash = (i: number) => {

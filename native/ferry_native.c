@@ -571,21 +571,24 @@ static void unmap_whole(napi_env env, void *data, void *hint) {
   munmap(data, (size_t)(uintptr_t)hint);
 }
 
-/* mapShared(fd, length) -> ArrayBuffer
- * A read-only MAP_SHARED mapping of the file's first `length` bytes, unmapped when the buffer is collected.
- * Live migration hashes guest RAM through it (hashBlocks): memory is read once, where pread copies it
- * first, and the page tables stay populated from one pass to the next. Never written: the pages are
- * mapped read-only. */
+/* mapShared(fd, length, writable?) -> ArrayBuffer
+ * A MAP_SHARED mapping of the file's first `length` bytes (read-only unless `writable`), unmapped when the
+ * buffer is collected. Live migration reads guest RAM through it (hashing, gathering pages to send) and the
+ * destination writes pages into its RAM file through it: no copy in and out of the kernel per page, one page
+ * table kept from round to round, and a hugetlbfs file, which write() does not support, works too. */
 static napi_value map_shared(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  if (!get_args(env, info, 2, argv, NULL)) return NULL;
+  napi_value argv[3];
+  if (!get_args(env, info, 3, argv, NULL)) return NULL;
   int fd = (int)arg_i64(env, argv[0]);
   int64_t len = arg_i64(env, argv[1]);
+  bool writable = false;
+  napi_valuetype type;
+  if (napi_typeof(env, argv[2], &type) == napi_ok && type == napi_boolean) napi_get_value_bool(env, argv[2], &writable);
   if (len <= 0) {
     napi_throw_range_error(env, NULL, "mapShared: length must be positive");
     return NULL;
   }
-  void *p = mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, fd, 0);
+  void *p = mmap(NULL, (size_t)len, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
     napi_throw_error(env, "ERR_FERRY_NATIVE", strerror(errno));
     return NULL;
@@ -719,19 +722,6 @@ static int pread_full(int fd, uint8_t *buf, size_t len, int64_t pos) {
   return 0;
 }
 
-static int pwrite_full(int fd, const uint8_t *buf, size_t len, int64_t pos) {
-  size_t done = 0;
-  while (done < len) {
-    ssize_t n = pwrite(fd, buf + done, len - done, pos + (int64_t)done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    done += (size_t)n;
-  }
-  return 0;
-}
-
 /* Extra inputs of the page tasks; `base` comes first so complete() frees the whole struct. */
 typedef struct {
   task base;
@@ -739,10 +729,12 @@ typedef struct {
   uint8_t *cache;    /* encode: arena of previously sent pages, `slots` pages */
   int32_t *tags;     /* encode: page number held by each cache slot, -1 when empty */
   size_t slots;
-  int insert_new;    /* encode: also cache pages not cached yet */
+  int cache_mode;    /* encode: CACHE_* */
   uint32_t *meta;    /* per page: kind, size, digest low, digest high */
-  uint8_t *raw_runs; /* encode, optional: per page number, how many sends in a row went raw */
-  size_t raw_runs_len;
+  uint8_t *states;   /* encode, optional: per page number, PAGE_HELD_DATA | raw sends in a row */
+  size_t states_len;
+  uint8_t *memory;   /* encode (gather) / apply: the whole RAM file mapped, page n at n * page size */
+  size_t memory_len;
   uint8_t *skip;     /* hash: pages to leave alone, one flag per page */
   uint32_t *held;    /* apply, optional: digest of each page the file holds, by page number */
 } page_task;
@@ -751,6 +743,14 @@ enum { PAGE_ZERO = 0, PAGE_RAW = 1, PAGE_ZSTD = 2, PAGE_DELTA = 3 };
 /* A page that went raw is compressed again only every this many sends: a failed zstd attempt costs more
  * than sending the page (guest pages rewritten with fresh random-looking data fail every time). */
 #define RAW_RETRY_EVERY 8
+/* Page state bits (encode): the page held data when last read (so it is no hole of the file), and the
+ * count of its raw sends in a row in the low bits (wrapping at 128, a multiple of RAW_RETRY_EVERY). */
+#define PAGE_HELD_DATA 0x80u
+#define PAGE_RAW_RUN 0x7fu
+/* What encoding does to the delta cache: CACHE_LOOKUP only reads it (the stop-and-copy: no round follows
+ * that could use what it sends, so a cached page sent is evicted instead of refreshed); CACHE_REFRESH
+ * also refreshes the pages it holds; CACHE_INSERT also caches pages it does not hold yet. */
+enum { CACHE_LOOKUP = 0, CACHE_REFRESH = 1, CACHE_INSERT = 2 };
 
 /* The file is read in chunks of this many bytes when hashing. */
 #define HASH_CHUNK (1u << 20)
@@ -899,16 +899,33 @@ static napi_value pread_pages(napi_env env, napi_callback_info info) {
 static void run_encode_pages(task *t) {
   page_task *pt = (page_task *)t;
   size_t page = t->gran, out_pos = 0;
-  uint8_t *scratch = malloc(page * 2);
+  uint8_t *scratch = malloc(page * 3);
   if (!scratch) {
     t->err = ENOMEM;
     return;
   }
-  uint8_t *xor_buf = scratch, *packed = scratch + page;
+  uint8_t *xor_buf = scratch, *packed = scratch + page, *copy = scratch + 2 * page;
   for (size_t i = 0; i < t->count; i++) {
     const uint8_t *src = t->buf + i * page;
     uint32_t idx = pt->indices[i];
     uint32_t *meta = pt->meta + i * 4;
+    uint8_t *state = pt->states && idx < pt->states_len ? pt->states + idx : NULL;
+    if (pt->memory) {
+      /* Gathered from the live mapping into a private copy first, so that the digest, the zero test and what is
+       * sent all see one version of a page the guest may be writing. A page never seen holding data may be a
+       * hole of the file, which a read through the shared mapping would allocate: pread returns its zeroes. */
+      if (state && (*state & PAGE_HELD_DATA)) {
+        memcpy(copy, pt->memory + (size_t)idx * page, page);
+      } else {
+        int rc = pread_full(t->fd, copy, page, (int64_t)idx * (int64_t)page);
+        if (rc) {
+          t->err = rc;
+          free(scratch);
+          return;
+        }
+      }
+      src = copy;
+    }
     uint64_t digest = ferry_xxh64(src, page, 0);
     put_digest(pt->meta, i * 2 + 1, digest); /* meta[2], meta[3] */
     size_t slot = pt->slots ? idx % pt->slots : 0;
@@ -917,12 +934,13 @@ static void run_encode_pages(task *t) {
       meta[0] = PAGE_ZERO;
       meta[1] = 0;
       if (cached) pt->tags[slot] = -1;
+      if (state) *state = 0;
       continue;
     }
     uint32_t kind = PAGE_RAW;
     size_t size = page;
     size_t same_words = 0;
-    uint8_t *raw_run = pt->raw_runs && idx < pt->raw_runs_len ? pt->raw_runs + idx : NULL;
+    unsigned raw_run = state ? *state & PAGE_RAW_RUN : 0;
     if (cached) {
       const uint8_t *prev = pt->cache + slot * page;
       for (size_t b = 0; b < page; b += 8) {
@@ -942,7 +960,7 @@ static void run_encode_pages(task *t) {
       }
     }
     /* A delta under an eighth of a page is as good as it gets: skip compressing the page itself. */
-    if (size > page / 8 && (!raw_run || *raw_run % RAW_RETRY_EVERY == 0)) {
+    if (size > page / 8 && raw_run % RAW_RETRY_EVERY == 0) {
       long n = ferry_compress(FERRY_CODEC_ZSTD, t->level, src, page, packed, size - 1);
       if (n < 0) goto fail;
       if (n > 0) {
@@ -952,15 +970,16 @@ static void run_encode_pages(task *t) {
       }
     }
     if (kind == PAGE_RAW) memcpy(t->out + out_pos, src, page);
-    if (raw_run) *raw_run = kind == PAGE_RAW ? (uint8_t)(*raw_run + 1) : 0;
+    if (state) *state = (uint8_t)(PAGE_HELD_DATA | (kind == PAGE_RAW ? (raw_run + 1) & PAGE_RAW_RUN : 0));
     meta[0] = kind;
     meta[1] = (uint32_t)size;
     out_pos += size;
     /* The cache must hold exactly what the destination holds, so a cached page is refreshed or evicted. A
      * page that went raw twice in a row is rewritten whole each time: its delta will not pay, so it leaves
      * the cache (sparing the copy here and the XOR next time) until its next retry turn. */
-    int hopeless = raw_run && *raw_run >= 2 && *raw_run % RAW_RETRY_EVERY != 0;
-    if (pt->slots && !hopeless && (cached || pt->insert_new)) {
+    unsigned sent_raw = state ? *state & PAGE_RAW_RUN : 0;
+    int hopeless = sent_raw >= 2 && sent_raw % RAW_RETRY_EVERY != 0;
+    if (pt->slots && pt->cache_mode != CACHE_LOOKUP && !hopeless && (cached || pt->cache_mode == CACHE_INSERT)) {
       memcpy(pt->cache + slot * page, src, page);
       pt->tags[slot] = (int32_t)idx;
     } else if (cached) {
@@ -975,41 +994,54 @@ fail:
   snprintf(t->message, sizeof t->message, "page compression failed");
 }
 
-/* encodePages(src, pageSize, count, indices: Uint32Array, cache: Buffer, tags: Int32Array, insertNew, level,
- *             out, meta: Uint32Array[count*4], rawRuns?: Uint8Array[pages]) -> Promise<number bytes written to out>
- * Page i of src (page number indices[i]) becomes the smallest of: nothing (zero page), its zstd frame, the
- * zstd frame of its XOR with the cached previously sent version (a delta), or itself. meta[i] = kind, size,
- * XXH64 low, high. Cache slot = page number mod slots; pass empty cache/tags to disable deltas. rawRuns,
- * indexed by page number, counts the raw sends in a row of each page (updated here); see RAW_RETRY_EVERY. */
+/* encodePages(src, fd, pageSize, count, indices: Uint32Array, cache: Buffer, tags: Int32Array, cacheMode, level,
+ *             out, meta: Uint32Array[count*4], states?: Uint8Array[pages]) -> Promise<number bytes written to out>
+ * Page i (page number indices[i]) becomes the smallest of: nothing (zero page), its zstd frame, the zstd frame
+ * of its XOR with the cached previously sent version (a delta), or itself. With fd < 0, src holds the batch's
+ * pages back to back; otherwise src maps all of fd and page n is gathered from n * pageSize (pages whose state
+ * lacks PAGE_HELD_DATA are read from fd instead). meta[i] = kind, size, XXH64 low, high. Cache slot = page
+ * number mod slots; pass empty cache/tags to disable deltas; cacheMode is CACHE_*. states, indexed by page
+ * number and kept by the caller across batches, is updated here (see PAGE_HELD_DATA, RAW_RETRY_EVERY). */
 static napi_value encode_pages(napi_env env, napi_callback_info info) {
-  napi_value argv[11];
-  if (!get_args(env, info, 11, argv, NULL)) return NULL;
+  napi_value argv[12];
+  if (!get_args(env, info, 12, argv, NULL)) return NULL;
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
   size_t src_len, idx_len, cache_len, tags_len, out_len, meta_len;
-  uint8_t *idx_p, *tags_p, *meta_p;
-  if (!pt || arg_buffer(env, argv[0], &t->buf, &src_len) || arg_buffer(env, argv[3], &idx_p, &idx_len) ||
-      arg_buffer(env, argv[4], &pt->cache, &cache_len) || arg_buffer(env, argv[5], &tags_p, &tags_len) ||
-      arg_buffer(env, argv[8], &t->out, &out_len) || arg_buffer(env, argv[9], &meta_p, &meta_len))
+  uint8_t *src_p, *idx_p, *tags_p, *meta_p;
+  if (!pt || arg_buffer(env, argv[0], &src_p, &src_len) || arg_buffer(env, argv[4], &idx_p, &idx_len) ||
+      arg_buffer(env, argv[5], &pt->cache, &cache_len) || arg_buffer(env, argv[6], &tags_p, &tags_len) ||
+      arg_buffer(env, argv[9], &t->out, &out_len) || arg_buffer(env, argv[10], &meta_p, &meta_len))
     return abandon(env, pt, napi_throw_type_error, "encodePages: buffers expected");
-  bool insert_new = false;
-  napi_get_value_bool(env, argv[6], &insert_new);
   pt->indices = (uint32_t *)idx_p;
   pt->tags = (int32_t *)tags_p;
   pt->meta = (uint32_t *)meta_p;
-  pt->insert_new = insert_new;
-  t->gran = (size_t)arg_i64(env, argv[1]);
-  t->count = (size_t)arg_i64(env, argv[2]);
-  t->level = (int)arg_i64(env, argv[7]);
+  t->fd = (int)arg_i64(env, argv[1]);
+  t->gran = (size_t)arg_i64(env, argv[2]);
+  t->count = (size_t)arg_i64(env, argv[3]);
+  pt->cache_mode = (int)arg_i64(env, argv[7]);
+  t->level = (int)arg_i64(env, argv[8]);
   pt->slots = t->gran ? cache_len / t->gran : 0;
   if (pt->slots > tags_len / 4) pt->slots = tags_len / 4;
-  if (t->gran < 64 || t->gran % 8 || t->count * t->gran > src_len || t->count * 4 > idx_len ||
-      t->count * t->gran > out_len || t->count * 16 > meta_len)
+  if (t->gran < 64 || t->gran % 8 || t->count * 4 > idx_len || t->count * t->gran > out_len || t->count * 16 > meta_len ||
+      (t->fd < 0 && t->count * t->gran > src_len))
     return abandon(env, pt, napi_throw_range_error, "encodePages: buffers too small");
-  if (arg_optional_buffer(env, argv[10], &pt->raw_runs, &pt->raw_runs_len))
-    return abandon(env, pt, napi_throw_type_error, "encodePages: rawRuns must be a Uint8Array");
+  if (pt->cache_mode < CACHE_LOOKUP || pt->cache_mode > CACHE_INSERT)
+    return abandon(env, pt, napi_throw_range_error, "encodePages: unknown cache mode");
+  if (t->fd >= 0) {
+    for (size_t i = 0; i < t->count; i++) {
+      if (((size_t)pt->indices[i] + 1) * t->gran > src_len)
+        return abandon(env, pt, napi_throw_range_error, "encodePages: a page number is beyond the mapped memory");
+    }
+    pt->memory = src_p;
+    pt->memory_len = src_len;
+  } else {
+    t->buf = src_p;
+  }
+  if (arg_optional_buffer(env, argv[11], &pt->states, &pt->states_len))
+    return abandon(env, pt, napi_throw_type_error, "encodePages: states must be a Uint8Array");
   t->run = run_encode_pages;
-  if (!keep(env, t, 7, argv[0], argv[3], argv[4], argv[5], argv[8], argv[9], pt->raw_runs ? argv[10] : NULL))
+  if (!keep(env, t, 7, argv[0], argv[4], argv[5], argv[6], argv[9], argv[10], pt->states ? argv[11] : NULL))
     return NULL;
   return queue(env, t, "ferry.encodePages");
 }
@@ -1017,74 +1049,52 @@ static napi_value encode_pages(napi_env env, napi_callback_info info) {
 static void run_apply_pages(task *t) {
   page_task *pt = (page_task *)t;
   size_t page = t->gran, in_pos = 0;
-  uint8_t *scratch = calloc(2, page);
-  if (!scratch) {
+  uint8_t *xor_buf = calloc(1, page);
+  if (!xor_buf) {
     t->err = ENOMEM;
     return;
   }
-  uint8_t *data = scratch, *xor_buf = scratch + page;
   uint64_t zero_digest = ferry_xxh64(xor_buf, page, 0);
   const uint32_t *held = pt->held;
-  for (size_t i = 0; i < t->count;) {
+  for (size_t i = 0; i < t->count; i++) {
     uint32_t *meta = pt->meta + i * 4;
     uint32_t kind = meta[0];
     size_t size = meta[1];
-    uint32_t idx = pt->indices[i];
-    int64_t pos = (int64_t)idx * (int64_t)page;
+    uint8_t *dest = pt->memory + (size_t)pt->indices[i] * page;
     if (in_pos + size > t->len) {
       snprintf(t->message, sizeof t->message, "page %zu of the batch runs past its payload", i);
       goto out;
     }
     const uint8_t *in = t->buf + in_pos;
-    int rc = 0;
-    if (kind == PAGE_RAW) {
-      if (size != page) goto corrupt;
-      /* Raw pages go to the file straight from the payload, consecutive ones in one write. */
-      size_t run = 1;
-      while (i + run < t->count && pt->meta[(i + run) * 4] == PAGE_RAW && pt->meta[(i + run) * 4 + 1] == page &&
-             pt->indices[i + run] == idx + run && in_pos + (run + 1) * page <= t->len)
-        run++;
-      if ((rc = pwrite_full(t->fd, in, run * page, pos))) {
-        t->err = rc;
-        goto out;
-      }
-      for (size_t r = 0; r < run; r++) put_digest(pt->meta, (i + r) * 2 + 1, ferry_xxh64(in + r * page, page, 0));
-      in_pos += run * page;
-      i += run;
-      continue;
-    }
     switch (kind) {
-      case PAGE_ZERO:
-        /* Already zero here (a hole the guest never wrote, most of the first round): nothing to write. */
-        if (held && held[idx * 2] == (uint32_t)zero_digest && held[idx * 2 + 1] == (uint32_t)(zero_digest >> 32)) {
-          put_digest(pt->meta, i * 2 + 1, zero_digest);
-          i++;
-          continue;
-        }
-        memset(data, 0, page);
+      case PAGE_RAW:
+        if (size != page) goto corrupt;
+        memcpy(dest, in, page);
         break;
+      case PAGE_ZERO:
+        if (size != 0) goto corrupt;
+        /* Already zero here (a hole the guest never wrote, most of the first round): left alone, so the hole
+         * stays one. */
+        if (!held || held[pt->indices[i] * 2] != (uint32_t)zero_digest || held[pt->indices[i] * 2 + 1] != (uint32_t)(zero_digest >> 32))
+          memset(dest, 0, page);
+        put_digest(pt->meta, i * 2 + 1, zero_digest);
+        continue;
       case PAGE_ZSTD:
-        if (ferry_decompress(FERRY_CODEC_ZSTD, in, size, data, page) != 0) goto corrupt;
+        if (ferry_decompress(FERRY_CODEC_ZSTD, in, size, dest, page) != 0) goto corrupt;
         break;
       case PAGE_DELTA:
-        /* The base is the version the destination already holds: its own copy of the page. */
-        if ((rc = pread_full(t->fd, data, page, pos))) break;
+        /* The base is the version this side already holds: the page itself. */
         if (ferry_decompress(FERRY_CODEC_ZSTD, in, size, xor_buf, page) != 0) goto corrupt;
         for (size_t b = 0; b < page; b += 8) {
-          uint64_t x = ferry_xxh_read64(data + b) ^ ferry_xxh_read64(xor_buf + b);
-          memcpy(data + b, &x, 8);
+          uint64_t x = ferry_xxh_read64(dest + b) ^ ferry_xxh_read64(xor_buf + b);
+          memcpy(dest + b, &x, 8);
         }
         break;
       default:
         goto corrupt;
     }
-    if (rc || (rc = pwrite_full(t->fd, data, page, pos))) {
-      t->err = rc;
-      goto out;
-    }
-    put_digest(pt->meta, i * 2 + 1, ferry_xxh64(data, page, 0));
+    put_digest(pt->meta, i * 2 + 1, ferry_xxh64(dest, page, 0));
     in_pos += size;
-    i++;
     continue;
   corrupt:
     snprintf(t->message, sizeof t->message, "page %zu of the batch (kind %u, %zu bytes) is corrupt", i, kind, size);
@@ -1092,14 +1102,15 @@ static void run_apply_pages(task *t) {
   }
   t->bytes = in_pos;
 out:
-  free(scratch);
+  free(xor_buf);
 }
 
-/* applyPages(fd, pageSize, count, indices: Uint32Array, payload, meta: Uint32Array[count*4], held?: Uint32Array)
+/* applyPages(memory, pageSize, count, indices: Uint32Array, payload, meta: Uint32Array[count*4], held?: Uint32Array)
  *   -> Promise<number>
- * Decodes a batch made by encodePages (meta[i] = kind, size) and writes each page at its place in the file;
- * fills meta[i*4+2..3] with the XXH64 of the page as written. `held`, the digests of what the file holds by
- * page number (low, high), lets a zero page that is already zero go unwritten. */
+ * Decodes a batch made by encodePages into `memory` (a writable shared mapping of the RAM file: mapShared), each
+ * page at its place; fills meta[i*4+2..3] with the XXH64 of the page as written. `held`, the digests of what the
+ * memory holds by page number (low, high), lets a zero page that is already zero go unwritten. A page that fails
+ * to decode may be left half written: the batch is then an error, and the migration with it. */
 static napi_value apply_pages(napi_env env, napi_callback_info info) {
   napi_value argv[7];
   if (!get_args(env, info, 7, argv, NULL)) return NULL;
@@ -1107,27 +1118,24 @@ static napi_value apply_pages(napi_env env, napi_callback_info info) {
   task *t = &pt->base;
   size_t idx_len, meta_len, held_len = 0;
   uint8_t *idx_p, *meta_p, *held_p = NULL;
-  if (!pt || arg_buffer(env, argv[3], &idx_p, &idx_len) || arg_buffer(env, argv[4], &t->buf, &t->len) ||
-      arg_buffer(env, argv[5], &meta_p, &meta_len))
+  if (!pt || arg_buffer(env, argv[0], &pt->memory, &pt->memory_len) || arg_buffer(env, argv[3], &idx_p, &idx_len) ||
+      arg_buffer(env, argv[4], &t->buf, &t->len) || arg_buffer(env, argv[5], &meta_p, &meta_len))
     return abandon(env, pt, napi_throw_type_error, "applyPages: buffers expected");
   if (arg_optional_buffer(env, argv[6], &held_p, &held_len))
     return abandon(env, pt, napi_throw_type_error, "applyPages: held must be a Uint32Array");
   pt->indices = (uint32_t *)idx_p;
   pt->meta = (uint32_t *)meta_p;
-  t->fd = (int)arg_i64(env, argv[0]);
   t->gran = (size_t)arg_i64(env, argv[1]);
   t->count = (size_t)arg_i64(env, argv[2]);
   if (t->gran < 64 || t->gran % 8 || t->count * 4 > idx_len || t->count * 16 > meta_len)
     return abandon(env, pt, napi_throw_range_error, "applyPages: buffers too small");
-  if (held_p) {
-    for (size_t i = 0; i < t->count; i++) {
-      if ((size_t)pt->indices[i] * 8 + 8 > held_len)
-        return abandon(env, pt, napi_throw_range_error, "applyPages: a page number is beyond the held digests");
-    }
-    pt->held = (uint32_t *)held_p;
+  for (size_t i = 0; i < t->count; i++) {
+    if (((size_t)pt->indices[i] + 1) * t->gran > pt->memory_len || (held_p && (size_t)pt->indices[i] * 8 + 8 > held_len))
+      return abandon(env, pt, napi_throw_range_error, "applyPages: a page number is beyond the memory");
   }
+  pt->held = (uint32_t *)held_p;
   t->run = run_apply_pages;
-  if (!keep(env, t, 4, argv[3], argv[4], argv[5], held_p ? argv[6] : NULL)) return NULL;
+  if (!keep(env, t, 5, argv[0], argv[3], argv[4], argv[5], held_p ? argv[6] : NULL)) return NULL;
   return queue(env, t, "ferry.applyPages");
 }
 

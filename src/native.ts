@@ -59,10 +59,10 @@ interface FerryNative {
    */
   hashBlocks(buffer: Uint8Array, length: number, blockSize: number, out: Uint8Array): Promise<number>;
   /**
-   * A read-only shared mapping of the file's first `length` bytes (unmapped when collected). Read it only
-   * (hashBlocks): writing to it kills the process.
+   * A shared mapping of the file's first `length` bytes (unmapped when collected), read-only unless `writable`:
+   * writing to a read-only one kills the process.
    */
-  mapShared(fd: number, length: number): ArrayBuffer;
+  mapShared(fd: number, length: number, writable?: boolean): ArrayBuffer;
   /** XXH64 (seed 0) of a small buffer, synchronously. */
   xxh64(data: Uint8Array): bigint;
   /**
@@ -77,31 +77,48 @@ interface FerryNative {
   preadPages(fd: number, pageSize: number, indices: Uint32Array, count: number, out: Uint8Array): Promise<number>;
   /**
    * Encodes pages for live migration; resolves to the bytes written to out. Per page, meta holds kind
-   * (LivePageKind), encoded size and the XXH64 of the page (low, high). Deltas are taken against `cache`
-   * (slot = page number mod slots, tags = page held by each slot or -1); pass empty cache and tags for none.
-   * `rawRuns` (one byte per page number, kept by the caller across batches) counts each page's raw sends in
-   * a row; a page that went raw is only tried with zstd again every 8th send.
+   * (LivePageKind), encoded size and the XXH64 of the page (low, high). Pages come from `src`: with fd < 0 it
+   * holds the batch's pages back to back; otherwise it maps all of fd (mapShared) and each page is gathered from
+   * its place (a page whose state lacks PAGE_HELD_DATA is read from fd instead, for it may be a hole). Deltas are
+   * taken against `cache` (slot = page number mod slots, tags = page held by each slot or -1); pass empty cache
+   * and tags for none; `cacheMode` says what encoding writes there (CacheMode). `states` (one byte per page
+   * number, kept by the caller across batches): PAGE_HELD_DATA, and the page's raw sends in a row (a page that
+   * went raw is only tried with zstd again every 8th send).
    */
   encodePages(
     src: Uint8Array,
+    fd: number,
     pageSize: number,
     count: number,
     indices: Uint32Array,
     cache: Uint8Array,
     tags: Int32Array,
-    insertNew: boolean,
+    cacheMode: CacheMode,
     level: number,
     out: Uint8Array,
     meta: Uint32Array,
-    rawRuns?: Uint8Array,
+    states?: Uint8Array,
   ): Promise<number>;
   /**
-   * Decodes a batch from encodePages into the file at each page's place; fills the XXH64 of each written page
-   * into meta. `held` (the digests of what the file holds, by page number) lets zero pages already zero there
-   * go unwritten.
+   * Decodes a batch from encodePages into `memory`, a writable mapping of the RAM file (mapShared), at each
+   * page's place; fills the XXH64 of each written page into meta. `held` (the digests of what the memory holds,
+   * by page number) lets zero pages already zero there go unwritten.
    */
-  applyPages(fd: number, pageSize: number, count: number, indices: Uint32Array, payload: Uint8Array, meta: Uint32Array, held?: Uint32Array): Promise<number>;
+  applyPages(memory: Uint8Array, pageSize: number, count: number, indices: Uint32Array, payload: Uint8Array, meta: Uint32Array, held?: Uint32Array): Promise<number>;
 }
+
+/** What encodePages writes to the delta cache. */
+export const enum CacheMode {
+  /** Reads it only; a cached page sent is evicted (the stop-and-copy: no later round could use it). */
+  Lookup = 0,
+  /** Also refreshes the pages it holds. */
+  Refresh = 1,
+  /** Also caches pages it does not hold yet. */
+  Insert = 2,
+}
+
+/** encodePages state bit: the page held data when last read, so it is no hole of the file. */
+export const PAGE_HELD_DATA = 0x80;
 
 const require = createRequire(import.meta.url);
 export const native: FerryNative = require(join(PACKAGE_ROOT, 'native', 'build', 'Release', 'ferry_native.node'));

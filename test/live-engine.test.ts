@@ -1,6 +1,6 @@
 import { randomFillSync } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { native } from '../src/native.js';
+import { CacheMode, PAGE_HELD_DATA, native } from '../src/native.js';
 import { MigrationPolicy, type RoundObservation } from '../src/live/policy.js';
 import { simulateMigration, measureEncoding, type LinkModel } from '../src/live/simulate.js';
 import { CLARK_WORKLOADS, hotSetModel, uniformModel, writePages } from '../src/live/workloads.js';
@@ -169,7 +169,7 @@ describe('page encoding (native)', () => {
     const tags = new Int32Array(8).fill(-1);
     const out = Buffer.alloc(count * PAGE);
     const meta = new Uint32Array(count * 4);
-    const first = await native.encodePages(src, PAGE, count, indices, cache, tags, true, 1, out, meta);
+    const first = await native.encodePages(src, -1, PAGE, count, indices, cache, tags, CacheMode.Insert, 1, out, meta);
     const kinds = (m: Uint32Array) => Array.from({ length: count }, (_, i) => m[i * 4]);
     expect(kinds(meta)).toEqual([LivePageKind.Zero, LivePageKind.Zstd, LivePageKind.Raw, LivePageKind.Raw]);
     expect(meta[1 * 4 + 1]).toBeLessThan(200);
@@ -185,8 +185,9 @@ describe('page encoding (native)', () => {
     try {
       const file = await open(join(dir, 'ram'), 'w+');
       await file.write(Buffer.alloc(count * PAGE, 0xaa), 0, count * PAGE, 0); // stale content everywhere
+      const memory = new Uint8Array(native.mapShared(file.fd, count * PAGE, true));
       const applyMeta = meta.slice();
-      await native.applyPages(file.fd, PAGE, count, indices, out.subarray(0, first), applyMeta);
+      await native.applyPages(memory, PAGE, count, indices, out.subarray(0, first), applyMeta);
       const back = Buffer.alloc(count * PAGE);
       await file.read(back, 0, count * PAGE, 0);
       expect(back.equals(src)).toBe(true);
@@ -194,10 +195,10 @@ describe('page encoding (native)', () => {
       // Second version: 16 bytes of page 3 change; page 3 is cached, so it travels as a small delta.
       src.writeUInt32LE(0xdeadbeef, 3 * PAGE + 100);
       src.writeUInt32LE(0xfeedface, 3 * PAGE + 2000);
-      const again = await native.encodePages(src.subarray(3 * PAGE), PAGE, 1, Uint32Array.of(3), cache, tags, true, 1, out, meta);
+      const again = await native.encodePages(src.subarray(3 * PAGE), -1, PAGE, 1, Uint32Array.of(3), cache, tags, CacheMode.Insert, 1, out, meta);
       expect(meta[0]).toBe(LivePageKind.Delta);
       expect(again).toBeLessThan(64);
-      await native.applyPages(file.fd, PAGE, 1, Uint32Array.of(3), out.subarray(0, again), meta);
+      await native.applyPages(memory, PAGE, 1, Uint32Array.of(3), out.subarray(0, again), meta);
       await file.read(back, 0, count * PAGE, 0);
       expect(back.equals(src)).toBe(true);
       await file.close();
@@ -210,12 +211,12 @@ describe('page encoding (native)', () => {
     const src = randomFillSync(Buffer.alloc(PAGE));
     const out = Buffer.alloc(PAGE);
     const meta = new Uint32Array(4);
-    const rawRuns = new Uint8Array(16);
-    const encode = () => native.encodePages(src, PAGE, 1, Uint32Array.of(5), Buffer.alloc(0), new Int32Array(0), false, 1, out, meta, rawRuns);
+    const states = new Uint8Array(16);
+    const encode = () => native.encodePages(src, -1, PAGE, 1, Uint32Array.of(5), Buffer.alloc(0), new Int32Array(0), CacheMode.Refresh, 1, out, meta, states);
     for (let sends = 1; sends <= 3; sends++) {
       await encode();
       expect(meta[0]).toBe(LivePageKind.Raw);
-      expect(rawRuns[5]).toBe(sends);
+      expect(states[5]).toBe(PAGE_HELD_DATA | sends);
     }
     // Compressible from now on, but in a run of raw sends it goes raw without an attempt…
     src.fill('migration ');
@@ -226,8 +227,8 @@ describe('page encoding (native)', () => {
     // …until the send after 8 raw ones tries zstd again; the run ends.
     await encode();
     expect(meta[0]).toBe(LivePageKind.Zstd);
-    expect(rawRuns[5]).toBe(0);
-    expect(Array.from(rawRuns).filter((_, page) => page !== 5)).toEqual(new Array(15).fill(0));
+    expect(states[5]).toBe(PAGE_HELD_DATA);
+    expect(Array.from(states).filter((_, page) => page !== 5)).toEqual(new Array(15).fill(0));
   });
 
   it('evicts a cached page that went raw twice in a row, and caches it again on its retry turn', async () => {
@@ -235,8 +236,8 @@ describe('page encoding (native)', () => {
     const tags = new Int32Array(4).fill(-1);
     const out = Buffer.alloc(PAGE);
     const meta = new Uint32Array(4);
-    const rawRuns = new Uint8Array(16);
-    const send = () => native.encodePages(randomFillSync(Buffer.alloc(PAGE)), PAGE, 1, Uint32Array.of(5), cache, tags, true, 1, out, meta, rawRuns);
+    const states = new Uint8Array(16);
+    const send = () => native.encodePages(randomFillSync(Buffer.alloc(PAGE)), -1, PAGE, 1, Uint32Array.of(5), cache, tags, CacheMode.Insert, 1, out, meta, states);
     await send();
     expect(tags[1]).toBe(5); // cached on its first raw send
     await send();
@@ -245,11 +246,58 @@ describe('page encoding (native)', () => {
     for (let sends = 3; sends < 8; sends++) await send();
     expect(tags[1]).toBe(-1);
     await send(); // the 8th raw send in a row is a retry turn
-    expect(rawRuns[5]).toBe(8);
+    expect(states[5]).toBe(PAGE_HELD_DATA | 8);
     expect(tags[1]).toBe(5);
   });
 
-  it('leaves a zero page unwritten where the file already holds zeroes, and writes raw runs whole', async () => {
+  it('in the stop-and-copy, takes deltas from the cache but writes nothing to it: a cached page sent is evicted', async () => {
+    const cache = Buffer.alloc(4 * PAGE);
+    const tags = new Int32Array(4).fill(-1);
+    const out = Buffer.alloc(2 * PAGE);
+    const meta = new Uint32Array(8);
+    const src = randomFillSync(Buffer.alloc(2 * PAGE));
+    await native.encodePages(src, -1, PAGE, 1, Uint32Array.of(1), cache, tags, CacheMode.Insert, 1, out, meta);
+    expect(tags[1]).toBe(1);
+    src.writeUInt32LE(0xdeadbeef, 100); // page 1 changes a little; page 2 was never sent
+    await native.encodePages(src, -1, PAGE, 2, Uint32Array.of(1, 2), cache, tags, CacheMode.Lookup, 1, out, meta);
+    expect([meta[0], meta[4]]).toEqual([LivePageKind.Delta, LivePageKind.Raw]);
+    expect(Array.from(tags)).toEqual([-1, -1, -1, -1]);
+  });
+
+  it('gathers pages from a mapping of the RAM file; a page not known to hold data is read, so a hole stays a hole', async () => {
+    const dir = await mkdtemp(join('/dev/shm', 'ferry-gather-'));
+    const file = await open(join(dir, 'ram'), 'w+');
+    try {
+      await file.truncate(64 * PAGE);
+      const data = randomFillSync(Buffer.alloc(PAGE));
+      await file.write(data, 0, PAGE, 7 * PAGE);
+      const memory = new Uint8Array(native.mapShared(file.fd, 64 * PAGE));
+      const states = new Uint8Array(64);
+      const out = Buffer.alloc(3 * PAGE);
+      const meta = new Uint32Array(12);
+      const encode = (pages: Uint32Array) =>
+        native.encodePages(memory, file.fd, PAGE, pages.length, pages, Buffer.alloc(0), new Int32Array(0), CacheMode.Refresh, 1, out, meta, states);
+      // Page 7 was never seen: read from the file; page 30 is a hole, read as zeroes without allocating it.
+      await encode(Uint32Array.of(7, 30));
+      expect([meta[0], meta[4]]).toEqual([LivePageKind.Raw, LivePageKind.Zero]);
+      expect(out.subarray(0, PAGE).equals(data)).toBe(true);
+      expect([states[7], states[30]]).toEqual([PAGE_HELD_DATA | 1, 0]);
+      // Now known to hold data, page 7 comes from the mapping: its current content.
+      data.writeUInt32LE(0x5eed, 0);
+      await file.write(data, 0, PAGE, 7 * PAGE);
+      await encode(Uint32Array.of(7));
+      expect(out.subarray(0, PAGE).equals(data)).toBe(true);
+      expect(BigInt(meta[2]) | (BigInt(meta[3]) << 32n)).toBe(native.xxh64(data));
+      expect(Array.from(native.dataSegments(file.fd, 0, 64 * PAGE, 16))).toEqual([7 * PAGE, 8 * PAGE, 64 * PAGE]);
+      expect(() => encode(Uint32Array.of(64))).toThrow(/beyond the mapped memory/);
+      expect(() => native.applyPages(new Uint8Array(native.mapShared(file.fd, 64 * PAGE, true)), PAGE, 1, Uint32Array.of(64), out, meta)).toThrow(/beyond the memory/);
+    } finally {
+      await file.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('leaves a zero page unwritten where the memory already holds zeroes: the hole stays one', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'ferry-apply-'));
     const file = await open(join(dir, 'ram'), 'w+');
     try {
@@ -261,10 +309,11 @@ describe('page encoding (native)', () => {
       randomFillSync(src, 0, 3 * PAGE); // 10, 11, 12 random: raw, consecutive; 40 zero
       const out = Buffer.alloc(4 * PAGE);
       const meta = new Uint32Array(16);
-      const bytes = await native.encodePages(src, PAGE, 4, pages, Buffer.alloc(0), new Int32Array(0), false, 1, out, meta);
+      const bytes = await native.encodePages(src, -1, PAGE, 4, pages, Buffer.alloc(0), new Int32Array(0), CacheMode.Refresh, 1, out, meta);
       expect([meta[0], meta[4], meta[8], meta[12]]).toEqual([LivePageKind.Raw, LivePageKind.Raw, LivePageKind.Raw, LivePageKind.Zero]);
       const applyMeta = meta.slice();
-      await native.applyPages(file.fd, PAGE, 4, pages, out.subarray(0, bytes), applyMeta, held);
+      const memory = new Uint8Array(native.mapShared(file.fd, 64 * PAGE, true));
+      await native.applyPages(memory, PAGE, 4, pages, out.subarray(0, bytes), applyMeta, held);
       expect(applyMeta).toEqual(meta); // same digests on both sides
       const back = Buffer.alloc(3 * PAGE);
       await file.read(back, 0, 3 * PAGE, 10 * PAGE);
@@ -302,7 +351,7 @@ async function withTrackedRam(base: string, pageCount: number, use: (file: FileH
     await file.truncate(pageCount * PAGE);
     const ledger = new PageLedger(pageCount);
     await digestFilePages(file.fd, PAGE, pageCount, ledger.digests);
-    const tracker = new PageHashTracker(file.fd, PAGE, pageCount);
+    const tracker = new PageHashTracker(file.fd, new Uint8Array(native.mapShared(file.fd, pageCount * PAGE)), PAGE, pageCount);
     await tracker.start(ledger);
     await use(file, ledger, tracker);
     await tracker.close();

@@ -142,7 +142,13 @@ export class FerryMigration extends MigrationController {
         this.limiter.setRate(this.policy.currentRate, this.policy.current.maxBandwidth);
         this.limiter.takeWaited();
         const roundStart = clock.now();
-        const sent = await transport.sendPages(pending, pending.length, this.round, this.pacer(), () => this.abortRequested || this.policy.forceRequested, this.ledger);
+        const sent = await transport.sendPages(pending, pending.length, {
+          round: this.round,
+          final: false,
+          pacer: this.pacer(),
+          stop: () => this.abortRequested || this.policy.forceRequested,
+          ledger: this.ledger,
+        });
         this.throwIfAborted();
         this.account(sent.counters);
         const roundEnd = clock.now();
@@ -268,7 +274,7 @@ export class FerryMigration extends MigrationController {
     const queue = (pages: Uint32Array) => {
       if (pages.length === 0) return;
       sending = sending.then(async () => {
-        const sent = await transport.sendPages(pages, pages.length, round, this.pacer(), () => this.abortRequested, ledger);
+        const sent = await transport.sendPages(pages, pages.length, { round, final: true, pacer: this.pacer(), stop: () => this.abortRequested, ledger });
         this.throwIfAborted();
         this.account(sent.counters);
       });

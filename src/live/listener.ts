@@ -104,7 +104,8 @@ export class MigrationListener {
 
 class Session {
   readonly id: string;
-  private fd = -1;
+  /** The destination's RAM file, mapped writable: pages are decoded straight into it. */
+  private memory?: Uint8Array;
   private ledger?: PageLedger;
   private pagesReceived = 0;
   private bytesReceived = 0;
@@ -113,10 +114,7 @@ class Session {
   private sealed = false;
   /** Set when the session ends: page streams stop applying what they still hold. */
   private ended = false;
-  /**
-   * Page batches being written. The RAM file is closed only once they are done: its descriptor number may
-   * be reused by the next file opened, which a late write would corrupt.
-   */
+  /** Page batches being written. The session ends only once they are done: no page may change after it. */
   private readonly applying = new Set<Promise<unknown>>();
 
   constructor(
@@ -134,8 +132,9 @@ class Session {
     try {
       if (hello.protocol !== PROTOCOL_VERSION) throw new MigrationError(`protocol ${hello.protocol} is not supported (this side speaks ${PROTOCOL_VERSION})`);
       if (hello.mode === 'qemu') return await this.runNative();
-      this.fd = await destination.openMemory(hello.pageSize, hello.pageCount);
-      this.ledger = await digestFile(this.fd, hello.pageSize, hello.pageCount);
+      const fd = await destination.openMemory(hello.pageSize, hello.pageCount);
+      this.ledger = await digestFile(fd, hello.pageSize, hello.pageCount);
+      this.memory = new Uint8Array(native.mapShared(fd, hello.pageSize * hello.pageCount, true));
       await control.sendJson(MessageType.Welcome, { destination: destination.description });
       log?.info({ pageSize: hello.pageSize, pageCount: hello.pageCount, streams: hello.streams }, 'incoming migration');
 
@@ -193,6 +192,7 @@ class Session {
     } finally {
       this.ended = true;
       await Promise.allSettled(this.applying);
+      this.memory = undefined; // unmapped when collected
       await destination.close().catch(() => undefined);
     }
   }
@@ -219,7 +219,7 @@ class Session {
       }
       if (this.ended) return;
       if (frame.type === MessageType.Pages) {
-        if (this.sealed || !this.ledger) throw new MigrationError('pages after the memory was verified');
+        if (this.sealed || !this.ledger || !this.memory) throw new MigrationError('pages after the memory was verified');
         const p = frame.payload;
         const count = p.readUInt32LE(0);
         const pages = readU32Array(p, 4, count);
@@ -231,7 +231,7 @@ class Session {
           meta[i * 4 + 1] = kinds[i * 2 + 1];
         }
         const payload = p.subarray(4 + count * 12);
-        const applied = native.applyPages(this.fd, pageSize, count, pages, payload, meta, this.ledger.digests);
+        const applied = native.applyPages(this.memory, pageSize, count, pages, payload, meta, this.ledger.digests);
         this.applying.add(applied);
         try {
           await applied;

@@ -93,16 +93,29 @@ export class FrameChannel {
   }
 
   async send(type: MessageType, ...parts: Uint8Array[]): Promise<void> {
+    await this.sendTracked(type, parts);
+  }
+
+  /**
+   * As send(), once the socket takes more; `written` then resolves when the socket has handed every part to
+   * the kernel (or was closed): until then the parts must not change.
+   */
+  async sendTracked(type: MessageType, parts: Uint8Array[]): Promise<{ written: Promise<void> }> {
     if (this.failure) throw this.failure;
     const length = parts.reduce((n, p) => n + p.length, 0);
     const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
     header.writeUInt8(type, 0);
     header.writeUInt32LE(length, 1);
-    this.socket.cork();
-    let flowing = this.socket.write(header);
-    for (const p of parts) flowing = this.socket.write(p);
-    this.socket.uncork();
+    let flowing = true;
+    const written = new Promise<void>((resolve) => {
+      this.socket.cork();
+      flowing = this.socket.write(header);
+      parts.forEach((p, i) => (flowing = this.socket.write(p, i === parts.length - 1 ? () => resolve() : undefined)));
+      if (parts.length === 0) resolve();
+      this.socket.uncork();
+    });
     if (!flowing) await this.drained();
+    return { written };
   }
 
   sendJson(type: MessageType, body: unknown): Promise<void> {

@@ -1,6 +1,8 @@
 /**
  * The source end of the protocol: pages read from the MemoryBackend, encoded natively in batches (zero
- * flag, zstd, or a zstd delta against the version sent before) and sent over several TCP streams.
+ * flag, zstd, or a zstd delta against the version sent before) and sent over several TCP streams. After the
+ * first round, pages are gathered straight from the backend's mapping of guest RAM when it has one (dirty
+ * pages lie scattered: one read per page would cost more than the encoding).
  *
  * Pages are assigned to streams by 2 MiB block, so a page always travels on the same stream: its versions
  * arrive in order, and each stream's delta cache (direct-mapped by page number, like QEMU's XBZRLE cache)
@@ -9,11 +11,11 @@
  */
 import { connect, type Socket } from 'node:net';
 import { randomUUID } from 'node:crypto';
-import { native } from '../native.js';
+import { CacheMode, native } from '../native.js';
 import { MigrationError } from './errors.js';
-import { unionPages, type PageLedger } from './ledger.js';
+import { unionPages } from './ledger.js';
 import { FrameChannel, MessageType, PAGE_HEADER_BYTES, PROTOCOL_VERSION, parseJson, u64Bytes, LivePageKind, type Frame, type HelloMessage } from './protocol.js';
-import type { MemoryBackend, Pacer, PageTransport, SendCounters } from './types.js';
+import type { MemoryBackend, PageTransport, SendContext, SendCounters } from './types.js';
 
 export interface SenderOptions {
   host: string;
@@ -33,6 +35,8 @@ export interface SenderOptions {
 
 /** Pages per stream block: 512 pages of 4 KiB = 2 MiB. */
 const STREAM_BLOCK_SHIFT = 9;
+/** Encoded batches per stream that may wait in its socket while the next one is encoded. */
+const OUT_BUFFERS = 2;
 
 interface Stream {
   index: number;
@@ -40,13 +44,19 @@ interface Stream {
   cache: Buffer;
   tags: Int32Array;
   src: Buffer;
+  /** Encoded batches, reused in turn once the socket has written them (fresh megabytes per batch cost page faults). */
+  outs: Array<{ buffer: Buffer; written: Promise<void> }>;
+  nextOut: number;
 }
 
 export class NetworkSender implements PageTransport {
   private flushSeq = 0;
   private deviceStateStarted = false;
-  /** Per page, its raw sends in a row (the encoder stops trying zstd on pages that never compress). */
-  private readonly rawRuns: Uint8Array;
+  /**
+   * Per page, the encoder's state: whether it held data when last read (a mapping read of it then allocates
+   * nothing) and its raw sends in a row (the encoder stops trying zstd on pages that never compress).
+   */
+  private readonly pageStates: Uint8Array;
   /**
    * Control replies not claimed yet. The destination answers in its own order, not in the order the
    * answers are awaited: the device state may finish loading before or after the digests are compared.
@@ -62,7 +72,7 @@ export class NetworkSender implements PageTransport {
     private readonly level: number,
     private readonly timeoutMs: number,
   ) {
-    this.rawRuns = new Uint8Array(backend.pageCount);
+    this.pageStates = new Uint8Array(backend.pageCount);
   }
 
   private measuredRttMs = 0;
@@ -96,6 +106,8 @@ export class NetworkSender implements PageTransport {
           cache: Buffer.alloc(cachePages * backend.pageSize),
           tags: new Int32Array(cachePages).fill(-1),
           src: Buffer.allocUnsafe(batchPages * backend.pageSize),
+          outs: Array.from({ length: OUT_BUFFERS }, () => ({ buffer: Buffer.allocUnsafe(batchPages * backend.pageSize), written: Promise.resolve() })),
+          nextOut: 0,
         });
       }
       const sender = new NetworkSender(control, streams, backend, batchPages, options.compressionLevel ?? 1, timeoutMs);
@@ -110,7 +122,7 @@ export class NetworkSender implements PageTransport {
     }
   }
 
-  async sendPages(pages: Uint32Array, count: number, round: number, pacer: Pacer, stop: () => boolean, ledger: PageLedger) {
+  async sendPages(pages: Uint32Array, count: number, send: SendContext) {
     const n = this.streams.length;
     // Split by stream: count, then fill, keeping each list sorted.
     const sizes = new Uint32Array(n);
@@ -121,7 +133,7 @@ export class NetworkSender implements PageTransport {
       const s = (pages[i] >>> STREAM_BLOCK_SHIFT) % n;
       lists[s][fill[s]++] = pages[i];
     }
-    const results = await Promise.all(this.streams.map((s) => this.sendStream(s, lists[s.index], round, pacer, stop, ledger)));
+    const results = await Promise.all(this.streams.map((s) => this.sendStream(s, lists[s.index], send)));
     const counters: SendCounters = { pages: 0, zeroPages: 0, deltaPages: 0, compressedPages: 0, rawPages: 0, wireBytes: 0 };
     let unsent: Uint32Array = new Uint32Array(0);
     for (const r of results) {
@@ -136,19 +148,38 @@ export class NetworkSender implements PageTransport {
     return { counters, unsent };
   }
 
-  private async sendStream(s: Stream, list: Uint32Array, round: number, pacer: Pacer, stop: () => boolean, ledger: PageLedger) {
-    const { pageSize } = this.backend;
+  private async sendStream(s: Stream, list: Uint32Array, { round, final, pacer, stop, ledger }: SendContext) {
+    const { pageSize, mappedMemory } = this.backend;
     const counters: SendCounters = { pages: 0, zeroPages: 0, deltaPages: 0, compressedPages: 0, rawPages: 0, wireBytes: 0 };
+    // The first round reads every page, holes of the RAM file included: pread leaves them holes.
+    const gather = round >= 2 ? mappedMemory : undefined;
+    // Pages cached only from the second round: the first sends everything once, the later ones are the hot set;
+    // the stop-and-copy has no later round to cache for.
+    const cacheMode = final ? CacheMode.Lookup : round >= 2 ? CacheMode.Insert : CacheMode.Refresh;
     for (let first = 0; first < list.length; first += this.batchPages) {
       if (stop()) return { counters, unsent: list.slice(first) };
       const count = Math.min(this.batchPages, list.length - first);
       // A copy: the batch's page numbers are sent as they are and must not change while queued.
       const batch = list.slice(first, first + count);
-      await this.backend.readPages(batch, count, s.src);
-      const out = Buffer.allocUnsafe(count * pageSize);
+      if (!gather) await this.backend.readPages(batch, count, s.src);
+      const out = s.outs[s.nextOut];
+      s.nextOut = (s.nextOut + 1) % s.outs.length;
+      await out.written;
       const meta = new Uint32Array(count * 4);
-      // Pages cached only from the second round: the first sends everything once, the later ones are the hot set.
-      const bytes = await native.encodePages(s.src, pageSize, count, batch, s.cache, s.tags, round >= 2, this.level, out, meta, this.rawRuns);
+      const bytes = await native.encodePages(
+        gather ? gather.memory : s.src,
+        gather ? gather.fd : -1,
+        pageSize,
+        count,
+        batch,
+        s.cache,
+        s.tags,
+        cacheMode,
+        this.level,
+        out.buffer,
+        meta,
+        this.pageStates,
+      );
       ledger.recordBatch(batch, count, meta);
       const head = Buffer.allocUnsafe(4);
       head.writeUInt32LE(count, 0);
@@ -164,7 +195,7 @@ export class NetworkSender implements PageTransport {
       }
       const wire = 4 + count * PAGE_HEADER_BYTES + bytes + 5;
       await pacer.consume(wire);
-      await s.channel.send(MessageType.Pages, head, new Uint8Array(batch.buffer), new Uint8Array(kinds.buffer), out.subarray(0, bytes));
+      ({ written: out.written } = await s.channel.sendTracked(MessageType.Pages, [head, new Uint8Array(batch.buffer), new Uint8Array(kinds.buffer), out.buffer.subarray(0, bytes)]));
       counters.pages += count;
       counters.wireBytes += wire;
     }

@@ -16,8 +16,8 @@ import { MigrationError } from './errors.js';
 import { SyntheticVm } from './backends/synthetic.js';
 import type { MigrationLimits } from './policy.js';
 import type { WorkingSetModel } from './workloads.js';
-import type { MigrationReport, Pacer, PageTransport, SendCounters } from './types.js';
-import { native } from '../native.js';
+import type { MigrationReport, PageTransport, SendContext, SendCounters } from './types.js';
+import { CacheMode, native } from '../native.js';
 import { PAGE_HEADER_BYTES, FRAME_HEADER_BYTES, LivePageKind } from './protocol.js';
 
 export interface LinkModel {
@@ -51,7 +51,7 @@ export class SimulatedLink implements PageTransport {
     this.cacheTags = new Int32Array(Math.floor(model.cacheBytes / vm.pageSize)).fill(-1);
   }
 
-  async sendPages(pages: Uint32Array, count: number, round: number, pacer: Pacer, stop: () => boolean) {
+  async sendPages(pages: Uint32Array, count: number, { round, final, pacer, stop }: SendContext) {
     const counters: SendCounters = { pages: 0, zeroPages: 0, deltaPages: 0, compressedPages: 0, rawPages: 0, wireBytes: 0 };
     const { pageSize } = this.vm;
     const slots = this.cacheTags.length;
@@ -75,7 +75,10 @@ export class SimulatedLink implements PageTransport {
             bytes += Math.ceil(pageSize * this.model.compressRatio);
             counters.compressedPages++;
           }
-          if (slots > 0 && (cached || round >= 2)) this.cacheTags[slot] = page;
+          // As the encoder does: cached from the second round on; the stop-and-copy evicts what it sends.
+          if (slots > 0 && final) {
+            if (cached) this.cacheTags[slot] = -1;
+          } else if (slots > 0 && (cached || round >= 2)) this.cacheTags[slot] = page;
         }
         this.sentVersion[page] = this.vm.versions[page];
       }
@@ -169,9 +172,9 @@ export async function measureEncoding(pageSize = 4096, pages = 2048): Promise<{ 
   const cache = Buffer.alloc(pages * pageSize);
   const tags = new Int32Array(pages).fill(-1);
   for (let i = 0; i < pages; i++) vm.fillPage(i, 1, src, i * pageSize);
-  const first = await native.encodePages(src, pageSize, pages, indices, cache, tags, true, 1, out, meta);
+  const first = await native.encodePages(src, -1, pageSize, pages, indices, cache, tags, CacheMode.Insert, 1, out, meta);
   for (let i = 0; i < pages; i++) vm.fillPage(i, 2, src, i * pageSize);
-  const second = await native.encodePages(src, pageSize, pages, indices, cache, tags, true, 1, out, meta);
+  const second = await native.encodePages(src, -1, pageSize, pages, indices, cache, tags, CacheMode.Insert, 1, out, meta);
   let deltas = 0;
   for (let i = 0; i < pages; i++) if (meta[i * 4] === LivePageKind.Delta) deltas++;
   if (deltas !== pages) throw new Error(`expected every page of the second pass to be a delta, got ${deltas} of ${pages}`);

@@ -50,6 +50,11 @@ export interface MemoryBackend {
   collectDirty(onSlice?: DirtySliceSink, known?: Uint32Array): Promise<Uint32Array>;
   /** Copies pages[0..count) back to back into out. */
   readPages(pages: Uint32Array, count: number, out: Buffer): Promise<void>;
+  /**
+   * All guest RAM as one shared read-only mapping of `fd` (mapShared), when the backend has it: the pages of the
+   * rounds after the first are then encoded straight from it, with no read per page.
+   */
+  readonly mappedMemory?: { memory: Uint8Array; fd: number };
   /** Stops the vCPUs; guest memory and device state no longer change until resume(). */
   pause(): Promise<void>;
   resume(): Promise<void>;
@@ -104,6 +109,16 @@ export interface Pacer {
   consume(bytes: number): Promise<void>;
 }
 
+/** One call's circumstances, for PageTransport.sendPages. */
+export interface SendContext {
+  round: number;
+  /** The stop-and-copy: the VM is paused and no round follows. */
+  final: boolean;
+  pacer: Pacer;
+  stop: () => boolean;
+  ledger: PageLedger;
+}
+
 /** The source side of the link to a destination: the network protocol, or a modelled link in simulation. */
 export interface PageTransport {
   /**
@@ -111,14 +126,7 @@ export interface PageTransport {
    * of each page as sent in `ledger`. Stops dispatching batches once `stop()` returns true and resolves
    * with the pages it did not send.
    */
-  sendPages(
-    pages: Uint32Array,
-    count: number,
-    round: number,
-    pacer: Pacer,
-    stop: () => boolean,
-    ledger: PageLedger,
-  ): Promise<{ counters: SendCounters; unsent: Uint32Array }>;
+  sendPages(pages: Uint32Array, count: number, send: SendContext): Promise<{ counters: SendCounters; unsent: Uint32Array }>;
   /** Resolves when the destination has applied every page sent so far. */
   flush(): Promise<void>;
   /** The destination compares the digest of its whole memory with `digest`; rejects when they differ. */

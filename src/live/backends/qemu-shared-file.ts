@@ -2,7 +2,8 @@
  * Real QEMU VMs whose guest RAM is a shared file:
  *   -object memory-backend-file,id=mem,size=…,mem-path=/dev/shm/vm.ram,share=on -machine memory-backend=mem
  *
- * Source: Ferry reads guest RAM from the file (pread on the thread pool) while QEMU runs, finds dirty pages
+ * Source: Ferry reads guest RAM through one shared mapping of the file while QEMU runs (the first round with
+ * pread, so that holes stay holes), finds dirty pages
  * with soft-dirty bits when the kernel has them (probed) or by page digests, and pauses/resumes/throttles
  * the vCPUs over QMP. Destination: QEMU waits with `-incoming defer -S` on its own RAM file, which the
  * listener fills. The device state crosses in QEMU's own migration stream with the x-ignore-shared
@@ -121,15 +122,19 @@ export class QemuSharedFileSource implements MemoryBackend {
   /** x-ignore-shared is on: it must be off again if the VM stays here, or a later QEMU migration would skip its RAM. */
   private ignoringShared = false;
 
+  readonly mappedMemory: { memory: Uint8Array; fd: number };
+
   private constructor(
     private readonly qmp: QmpClient,
     private readonly ram: FileHandle,
+    memory: Uint8Array,
     size: number,
     private readonly tracker: DirtyTracker,
     vcpus: VcpuControl,
     options: QemuSourceOptions,
   ) {
     this.pageCount = size / PAGE_SIZE;
+    this.mappedMemory = { memory, fd: ram.fd };
     this.vcpus = vcpus;
     this.throttle = new DutyCycleThrottle(vcpus);
     this.collectsByContent = tracker.method === 'page-hash';
@@ -145,9 +150,11 @@ export class QemuSharedFileSource implements MemoryBackend {
       ram = await openRam(options.ramPath, 'r');
       await checkSharedBackend(qmp, options.ramPath, ram.size);
       const vcpus = new VcpuControl(qmp);
-      const tracker = await chooseTracker(options, ram.handle.fd, ram.size, vcpus);
+      // One mapping for hashing and for gathering the pages to send: its page tables are filled once.
+      const memory = new Uint8Array(native.mapShared(ram.handle.fd, ram.size));
+      const tracker = await chooseTracker(options, ram.handle.fd, memory, vcpus);
       options.log?.info({ tracker: tracker.method }, 'dirty tracking chosen');
-      return new QemuSharedFileSource(qmp, ram.handle, ram.size, tracker, vcpus, options);
+      return new QemuSharedFileSource(qmp, ram.handle, memory, ram.size, tracker, vcpus, options);
     } catch (err) {
       await ram?.handle.close();
       qmp.close();
@@ -230,7 +237,8 @@ export class QemuSharedFileSource implements MemoryBackend {
   }
 }
 
-async function chooseTracker(options: QemuSourceOptions, fd: number, size: number, vcpus: VcpuControl): Promise<DirtyTracker> {
+async function chooseTracker(options: QemuSourceOptions, fd: number, memory: Uint8Array, vcpus: VcpuControl): Promise<DirtyTracker> {
+  const size = memory.length;
   const choice = options.tracker ?? 'auto';
   if (choice !== 'page-hash') {
     const mapping = await findFileMapping(options.ramPath, size);
@@ -247,7 +255,7 @@ async function chooseTracker(options: QemuSourceOptions, fd: number, size: numbe
     }
     if (choice === 'soft-dirty') throw new MigrationError('soft-dirty tracking is not available: the kernel does not set soft-dirty bits for the guest RAM mapping');
   }
-  return new PageHashTracker(fd, PAGE_SIZE, size / PAGE_SIZE);
+  return new PageHashTracker(fd, memory, PAGE_SIZE, size / PAGE_SIZE);
 }
 
 export interface QemuDestinationOptions {

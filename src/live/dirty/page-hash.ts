@@ -11,8 +11,8 @@ const SLICE_PAGES = 8192;
  * reports the pages whose digest differs from the ledger — the version the destination holds. It needs
  * nothing from the kernel, and it is exact: a page written back to the value the destination already has is
  * not resent, and one changed between its collection and its read is caught next time.
- * Cost: one pass over the RAM the guest has touched, at memory speed, through a shared read-only mapping of
- * the file (no copy). Holes of the file (memory the guest never wrote) are known zero without being read,
+ * Cost: one pass over the RAM the guest has touched, at memory speed, through the backend's shared read-only
+ * mapping of the file (no copy). Holes of the file (memory the guest never wrote) are known zero without being read,
  * and pages the caller already counts as dirty are not read either: at switchover, that is the last round's
  * dirty set, about to be sent anyway. Slices are reported in page order as they finish, so while paused the
  * last pages are sent during the pass rather than after it.
@@ -22,10 +22,11 @@ export class PageHashTracker implements DirtyTracker {
   private ledger?: PageLedger;
   private readonly current: Uint32Array;
   private readonly skip: Uint8Array;
-  private memory?: Uint8Array;
 
+  /** `memory` maps all of fd (mapShared). */
   constructor(
     private readonly fd: number,
+    private readonly memory: Uint8Array,
     private readonly pageSize: number,
     private readonly pageCount: number,
   ) {
@@ -35,12 +36,11 @@ export class PageHashTracker implements DirtyTracker {
 
   async start(ledger: PageLedger): Promise<void> {
     this.ledger = ledger;
-    this.memory = new Uint8Array(native.mapShared(this.fd, this.pageSize * this.pageCount));
   }
 
   async collect(onSlice?: DirtySliceSink, known?: Uint32Array): Promise<Uint32Array> {
     const { ledger, memory, skip } = this;
-    if (!ledger || !memory) throw new Error('PageHashTracker.collect before start');
+    if (!ledger) throw new Error('PageHashTracker.collect before start');
     const { pageSize, pageCount, current } = this;
     if (known) {
       skip.fill(0);
@@ -96,7 +96,5 @@ export class PageHashTracker implements DirtyTracker {
     return all;
   }
 
-  async close(): Promise<void> {
-    this.memory = undefined; // unmapped when collected
-  }
+  async close(): Promise<void> {}
 }

@@ -574,8 +574,8 @@ static void unmap_whole(napi_env env, void *data, void *hint) {
 /* mapShared(fd, length, writable?) -> ArrayBuffer
  * A MAP_SHARED mapping of the file's first `length` bytes (read-only unless `writable`), unmapped when the
  * buffer is collected. Live migration reads guest RAM through it (hashing, gathering pages to send) and the
- * destination writes pages into its RAM file through it: no copy in and out of the kernel per page, one page
- * table kept from round to round, and a hugetlbfs file, which write() does not support, works too. */
+ * destination writes pages into its RAM file through it: no system call per page, and one page table kept from
+ * round to round. */
 static napi_value map_shared(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   if (!get_args(env, info, 3, argv, NULL)) return NULL;

@@ -12,6 +12,7 @@ export const wallClock: Clock = {
  */
 export class VirtualClock implements Clock {
   private t = 0;
+  private alongsideUntil = 0;
   now(): number {
     return this.t;
   }
@@ -21,6 +22,19 @@ export class VirtualClock implements Clock {
   }
   advance(ms: number): void {
     if (ms > 0) this.t += ms;
+  }
+
+  /**
+   * Work of `ms` that runs alongside the engine's, on another resource (the last collection, while the paused
+   * VM's known pages go out on the link): it takes no time now, and settle() waits for its end.
+   */
+  alongside(ms: number): void {
+    this.alongsideUntil = Math.max(this.alongsideUntil, this.t + ms);
+  }
+
+  /** Advances to the end of the work started alongside, if it has not ended yet. */
+  settle(): void {
+    this.t = Math.max(this.t, this.alongsideUntil);
   }
 }
 

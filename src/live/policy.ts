@@ -9,8 +9,8 @@
  *   guest rewrites whole within a round hides its real dirty rate (a page counts once per round however
  *   often it is written), so a round held back by the rate that left about as much as it sent doubles the
  *   rate instead (TCP's slow start).
- * - Switchover (QEMU): when the remaining dirty set, the final collection and the fixed switchover work fit
- *   maxDowntime at the link bandwidth measured while the sender was busy. Unlike QEMU, a fit is not taken
+ * - Switchover (QEMU): when the remaining dirty set (sent while the final collection runs) and the fixed
+ *   switchover work fit maxDowntime at the link bandwidth measured while the sender was busy. Unlike QEMU, a fit is not taken
  *   while rounds still pay: when the dirty set at least halved over the last round, one more round (of that
  *   smaller set) shortens the pause for few bytes; when it did not, the guest rewrites its working set about
  *   as fast as it is sent and another round only adds traffic.
@@ -141,7 +141,9 @@ export class MigrationPolicy {
     // collection's worth of time dirties on top of those already known.
     const pages = o.remainingPages + (o.dirtyRate * o.collectSeconds) / o.pageSize;
     const pagesSeconds = bandwidth > 0 ? (pages * o.wireBytesPerPage) / bandwidth : Infinity;
-    return (o.collectSeconds + pagesSeconds + o.switchoverOverheadSeconds) * 1000;
+    // While paused, the known pages go out during the last collection and what it finds follows slice by
+    // slice: the pause lasts as long as the longer of the two, not their sum.
+    return (Math.max(o.collectSeconds, pagesSeconds) + o.switchoverOverheadSeconds) * 1000;
   }
 
   decide(o: RoundObservation): Decision {

@@ -91,6 +91,8 @@ export class SimulatedLink implements PageTransport {
   }
 
   async flush(): Promise<void> {
+    // Everything sent so far is applied only once the collection that found it has ended too.
+    this.clock.settle();
     this.clock.advance(this.rttMs);
   }
 

@@ -81,7 +81,12 @@ export class SyntheticVm implements MemoryBackend {
     for (let p = 0; p < this.pageCount; p++) if (this.dirty[p]) out.push(p);
     this.dirty.fill(0);
     const { clock, collectMsPerGiB } = this.options;
-    if (clock instanceof VirtualClock && collectMsPerGiB) clock.advance((collectMsPerGiB * this.pageCount * this.pageSize) / 2 ** 30);
+    if (clock instanceof VirtualClock && collectMsPerGiB) {
+      const ms = (collectMsPerGiB * this.pageCount * this.pageSize) / 2 ** 30;
+      // Paused, the engine sends the pages it knows are dirty while the last collection runs.
+      if (this.paused) clock.alongside(ms);
+      else clock.advance(ms);
+    }
     const dirty = Uint32Array.from(out);
     onSlice?.(dirty, this.pageCount);
     return dirty;

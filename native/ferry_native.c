@@ -731,7 +731,8 @@ typedef struct {
   size_t slots;
   int cache_mode;    /* encode: CACHE_* */
   uint32_t *meta;    /* per page: kind, size, digest low, digest high */
-  uint8_t *states;   /* encode, optional: per page number, PAGE_HELD_DATA | raw sends in a row */
+  uint8_t *states;   /* optional: encode, per page number, PAGE_HELD_DATA | raw sends in a row; hash, per page of
+                      * the range, 1 once it held data */
   size_t states_len;
   uint8_t *memory;   /* encode (gather) / apply: the whole RAM file mapped, page n at n * page size */
   size_t memory_len;
@@ -777,7 +778,9 @@ static void run_hash_file_pages(task *t) {
 
 /* Digests of the pages of a mapped file range whose holes are not read: a hole reads as zeroes (its digest
  * is the zero page's), and reading it through a shared mapping of tmpfs would allocate it. Pages flagged in
- * `skip` keep the digest they had. */
+ * `skip` keep the digest they had. Pages flagged in `known_data` held data at an earlier pass and are read
+ * without asking the file where its holes are (guest RAM that was written stays allocated; the walk over the
+ * file's pages that SEEK_HOLE costs is paid only where holes may remain); pages found holding data are flagged. */
 static void run_hash_mapped_pages(task *t) {
   page_task *pt = (page_task *)t;
   size_t page = t->gran;
@@ -790,10 +793,23 @@ static void run_hash_mapped_pages(task *t) {
   free(zero);
   uint32_t *out = (uint32_t *)t->out;
   const uint8_t *skip = pt->skip;
-  int64_t start = t->pos, end = t->pos + (int64_t)(t->count * page);
+  uint8_t *known = pt->states;
+  int64_t start = t->pos;
   size_t next = 0, hashed = 0;
   while (next < t->count) {
-    int64_t pos = start + (int64_t)(next * page);
+    if (known && known[next]) {
+      if (!skip || !skip[next]) {
+        put_digest(out, next, ferry_xxh64(t->buf + next * page, page, 0));
+        hashed++;
+      }
+      next++;
+      continue;
+    }
+    /* A run of pages not known to hold data: where the file's data lies in it. */
+    size_t run_end = next + 1;
+    while (known && run_end < t->count && !known[run_end]) run_end++;
+    if (!known) run_end = t->count;
+    int64_t pos = start + (int64_t)(next * page), end = start + (int64_t)(run_end * page);
     off_t data = lseek(t->fd, pos, SEEK_DATA);
     if (data < 0) data = errno == ENXIO ? end : pos; /* ENXIO: nothing but a hole after pos; else no hole support */
     if (data > end) data = end;
@@ -804,6 +820,7 @@ static void run_hash_mapped_pages(task *t) {
     for (; next < data_page; next++)
       if (!skip || !skip[next]) put_digest(out, next, zero_digest);
     for (; next < hole_page; next++) {
+      if (known) known[next] = 1;
       if (skip && skip[next]) continue;
       put_digest(out, next, ferry_xxh64(t->buf + next * page, page, 0));
       hashed++;
@@ -812,28 +829,28 @@ static void run_hash_mapped_pages(task *t) {
   t->bytes = hashed;
 }
 
-/* hashMappedPages(memory, fd, position, pageSize, count, out: Uint32Array[count*2], skip?: Uint8Array[count])
- *   -> Promise<number of pages read>
+/* hashMappedPages(memory, fd, position, pageSize, count, out: Uint32Array[count*2], skip?: Uint8Array[count],
+ *                 knownData?: Uint8Array[count]) -> Promise<number of pages read>
  * XXH64 of each page of memory[0, pageSize*count), which maps the file range at `position` of fd. */
 static napi_value hash_mapped_pages(napi_env env, napi_callback_info info) {
-  napi_value argv[7];
-  if (!get_args(env, info, 7, argv, NULL)) return NULL;
+  napi_value argv[8];
+  if (!get_args(env, info, 8, argv, NULL)) return NULL;
   page_task *pt = calloc(1, sizeof *pt);
   task *t = &pt->base;
-  size_t mem_len, out_len, skip_len = 0;
+  size_t mem_len, out_len, skip_len = 0, known_len = 0;
   if (!pt || arg_buffer(env, argv[0], &t->buf, &mem_len) || arg_buffer(env, argv[5], &t->out, &out_len))
     return abandon(env, pt, napi_throw_type_error, "hashMappedPages: buffers expected");
-  if (arg_optional_buffer(env, argv[6], &pt->skip, &skip_len))
-    return abandon(env, pt, napi_throw_type_error, "hashMappedPages: skip must be a Uint8Array");
+  if (arg_optional_buffer(env, argv[6], &pt->skip, &skip_len) || arg_optional_buffer(env, argv[7], &pt->states, &known_len))
+    return abandon(env, pt, napi_throw_type_error, "hashMappedPages: skip and knownData must be Uint8Arrays");
   t->fd = (int)arg_i64(env, argv[1]);
   t->pos = arg_i64(env, argv[2]);
   t->gran = (size_t)arg_i64(env, argv[3]);
   t->count = (size_t)arg_i64(env, argv[4]);
   if (t->gran == 0 || t->pos < 0 || t->pos % (int64_t)t->gran || t->count * t->gran > mem_len || t->count * 8 > out_len ||
-      (pt->skip && skip_len < t->count))
-    return abandon(env, pt, napi_throw_range_error, "hashMappedPages: memory, digests or skip flags too small");
+      (pt->skip && skip_len < t->count) || (pt->states && known_len < t->count))
+    return abandon(env, pt, napi_throw_range_error, "hashMappedPages: memory, digests or flags too small");
   t->run = run_hash_mapped_pages;
-  if (!keep(env, t, 3, argv[0], argv[5], pt->skip ? argv[6] : NULL)) return NULL;
+  if (!keep(env, t, 4, argv[0], argv[5], pt->skip ? argv[6] : NULL, pt->states ? argv[7] : NULL)) return NULL;
   return queue(env, t, "ferry.hashMappedPages");
 }
 

@@ -68,9 +68,20 @@ interface FerryNative {
   /**
    * XXH64 of each page of `memory`, a mapping of fd's range at `position` (mapShared), as (low, high) pairs in
    * out. Holes of the file are not read (their digest is the zero page's): on tmpfs, reading a hole through
-   * a shared mapping would allocate it. Pages flagged in `skip` keep their digest. Resolves to the pages read.
+   * a shared mapping would allocate it. Pages flagged in `skip` keep their digest. Pages flagged in `knownData`
+   * (kept by the caller across passes) held data before and are read without looking for holes; pages found
+   * holding data get flagged. Resolves to the pages read.
    */
-  hashMappedPages(memory: Uint8Array, fd: number, position: number, pageSize: number, count: number, out: Uint32Array, skip?: Uint8Array): Promise<number>;
+  hashMappedPages(
+    memory: Uint8Array,
+    fd: number,
+    position: number,
+    pageSize: number,
+    count: number,
+    out: Uint32Array,
+    skip?: Uint8Array,
+    knownData?: Uint8Array,
+  ): Promise<number>;
   /** XXH64 of each page of the file range [position, position + pageSize*count), as (low, high) pairs in out. */
   hashFilePages(fd: number, position: number, pageSize: number, count: number, out: Uint32Array): Promise<number>;
   /** Reads pages indices[0..count) of a file back to back into out (contiguous pages in one pread). */

@@ -372,6 +372,35 @@ async function withTrackedRam(base: string, pageCount: number, use: (file: FileH
 }
 
 describe('dirty tracking by page hashes', () => {
+  it('looks for holes only where a pass has not found data yet, and finds pages written into them later', async () => {
+    const dir = await mkdtemp(join('/dev/shm', 'ferry-known-'));
+    const file = await open(join(dir, 'ram'), 'w+');
+    try {
+      await file.truncate(64 * PAGE);
+      const page5 = randomFillSync(Buffer.alloc(PAGE));
+      await file.write(page5, 0, PAGE, 5 * PAGE);
+      const memory = new Uint8Array(native.mapShared(file.fd, 64 * PAGE));
+      const digests = new Uint32Array(128);
+      const knownData = new Uint8Array(64);
+      const digest = (p: number) => BigInt(digests[p * 2]) | (BigInt(digests[p * 2 + 1]) << 32n);
+      const zero = native.xxh64(Buffer.alloc(PAGE));
+      expect(await native.hashMappedPages(memory, file.fd, 0, PAGE, 64, digests, undefined, knownData)).toBe(1);
+      expect(Array.from(knownData.entries()).filter(([, f]) => f).map(([p]) => p)).toEqual([5]);
+      expect([digest(5), digest(6)]).toEqual([native.xxh64(page5), zero]);
+      // Page 40, a hole so far, is written: the next pass finds it in the range it still asks the file about.
+      const page40 = randomFillSync(Buffer.alloc(PAGE));
+      await file.write(page40, 0, PAGE, 40 * PAGE);
+      expect(await native.hashMappedPages(memory, file.fd, 0, PAGE, 64, digests, undefined, knownData)).toBe(2);
+      expect(Array.from(knownData.entries()).filter(([, f]) => f).map(([p]) => p)).toEqual([5, 40]);
+      expect([digest(5), digest(40), digest(41)]).toEqual([native.xxh64(page5), native.xxh64(page40), zero]);
+      // Nothing was allocated by reading.
+      expect(Array.from(native.dataSegments(file.fd, 0, 64 * PAGE, 16))).toEqual([5 * PAGE, 6 * PAGE, 40 * PAGE, 41 * PAGE, 64 * PAGE]);
+    } finally {
+      await file.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
   it('reports changed pages slice by slice in page order; a page sent during the pass is not reported', async () => {
     const pageCount = 2 * 8192 + 100; // two whole slices and a short one
     await withTrackedRam(tmpdir(), pageCount, async (file, ledger, tracker) => {

@@ -12,8 +12,9 @@ const SLICE_PAGES = 8192;
  * nothing from the kernel, and it is exact: a page written back to the value the destination already has is
  * not resent, and one changed between its collection and its read is caught next time.
  * Cost: one pass over the RAM the guest has touched, at memory speed, through the backend's shared read-only
- * mapping of the file (no copy). Holes of the file (memory the guest never wrote) are known zero without being read,
- * and pages the caller already counts as dirty are not read either: at switchover, that is the last round's
+ * mapping of the file (no copy). Holes of the file (memory the guest never wrote) are known zero without being
+ * read; the file is asked where they are only in ranges that still had holes at the previous pass (asking
+ * walks its pages too). Pages the caller already counts as dirty are not read either: at switchover, that is the last round's
  * dirty set, about to be sent anyway. Slices are reported in page order as they finish, so while paused the
  * last pages are sent during the pass rather than after it.
  */
@@ -22,6 +23,8 @@ export class PageHashTracker implements DirtyTracker {
   private ledger?: PageLedger;
   private readonly current: Uint32Array;
   private readonly skip: Uint8Array;
+  /** Per page, 1 once a pass found it holding data: later passes read it without looking for holes first. */
+  private readonly knownData: Uint8Array;
 
   /** `memory` maps all of fd (mapShared). */
   constructor(
@@ -32,6 +35,7 @@ export class PageHashTracker implements DirtyTracker {
   ) {
     this.current = new Uint32Array(pageCount * 2);
     this.skip = new Uint8Array(pageCount);
+    this.knownData = new Uint8Array(pageCount);
   }
 
   async start(ledger: PageLedger): Promise<void> {
@@ -60,6 +64,7 @@ export class PageHashTracker implements DirtyTracker {
         count,
         current.subarray(first * 2, (first + count) * 2),
         known ? skip.subarray(first, first + count) : undefined,
+        this.knownData.subarray(first, first + count),
       );
       done.catch(() => undefined); // awaited in order below; a failure there must not leave the others unhandled
       return done;

@@ -43,6 +43,7 @@ class RawLayer implements ImageLayer {
 class RawWriter implements DiskWriter {
   readonly granularity = 512;
   readonly sequential = false;
+  readonly compresses = false;
   readonly zeroInitialized = true;
 
   constructor(
@@ -76,6 +77,7 @@ class RawWriter implements DiskWriter {
 class RawInPlaceWriter implements DiskWriter {
   readonly granularity = 512;
   readonly sequential = false;
+  readonly compresses = false;
   readonly zeroInitialized = false;
 
   constructor(

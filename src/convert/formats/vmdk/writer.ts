@@ -62,6 +62,7 @@ class FlatSink implements ExtentSink {
  */
 class VmdkWriter implements DiskWriter {
   readonly sequential = false;
+  readonly compresses = false;
   readonly zeroInitialized = true;
   private committed: string[] = [];
 

@@ -493,6 +493,13 @@ typedef struct {
  * allocated blocks skips the filesystem's delayed-allocation bookkeeping for every block, a third of the
  * kernel's cost of the write on ext4 (measured: 1.28 GiB in 0.20 s, 0.13 s with the range allocated).
  * Where fallocate is not supported the write goes ahead as it is. */
+/* Writes go to the page cache in pieces of at most this many bytes. The kernel sizes the folios it allocates
+ * for a write after the write, up to 2 MiB; in a VM whose host takes free memory back (free page reporting,
+ * balloons), blocks that large are the ones the host has discarded, and every page of them faults in the host
+ * on first touch. Measured here, 1.5 GiB copied in 2 MiB writes: 0.43–3.1 s; in 512 KiB writes: 0.23–0.27 s
+ * (the allocator takes smaller blocks from its smaller free lists first, which the host keeps). */
+#define WRITE_PIECE (512u * 1024)
+
 static void run_write_allocated(task *t) {
   write_task *wt = (write_task *)t;
   size_t total = 0;
@@ -501,8 +508,16 @@ static void run_write_allocated(task *t) {
   struct iovec *iov = wt->iov;
   int count = wt->count;
   int64_t pos = t->pos;
+  struct iovec piece[MAX_WRITE_BUFFERS];
   while (count > 0) {
-    ssize_t n = pwritev(t->fd, iov, count, pos);
+    int pieces = 0;
+    size_t len = 0;
+    for (; pieces < count && len < WRITE_PIECE; pieces++) {
+      piece[pieces] = iov[pieces];
+      if (piece[pieces].iov_len > WRITE_PIECE - len) piece[pieces].iov_len = WRITE_PIECE - len;
+      len += piece[pieces].iov_len;
+    }
+    ssize_t n = pwritev(t->fd, piece, pieces, pos);
     if (n < 0) {
       if (errno == EINTR) continue;
       t->err = errno;

@@ -45,7 +45,6 @@ function memoryWriter(size: number, opts: { granularity?: number; sequential?: b
     granularity: opts.granularity ?? 512,
     sequential: opts.sequential ?? false,
     zeroInitialized: opts.zeroInitialized ?? true,
-    compresses: false,
     async write(offset, data) {
       rec.writes.push([offset, data.length]);
       // Complete after a random delay, so that parallel workers interleave as real I/O does.

@@ -46,7 +46,7 @@ export function registerConvert(program: Command): void {
     .option('-p', 'show a progress bar')
     .option('--progress <mode>', 'progress output: bar (stderr) or json (JSON lines on stdout, for programs)')
     .option('-S, --sparse-size <size>', 'zero detection granularity; 0 writes every byte', '4k')
-    .option('-m, --parallel <n>', 'parallel copy workers (default: one per core, two per core when the output is compressed; at most 8)')
+    .option('-m, --parallel <n>', 'parallel copy workers (default: 2 per core, at most 8)')
     .option('-n, --no-create', 'write into an existing target instead of creating it (raw and qcow2 targets; it must be at least as large as SRC)')
     .option('--target-is-zero', 'the target already reads as zeroes: do not write zero ranges (with -n)')
     .option('-t, --cache <mode>', `output cache mode: unsafe (no fsync, as qemu-img) or writeback/none/... (fsync before the rename)`, 'unsafe')

@@ -103,11 +103,6 @@ export interface DiskWriter {
   readonly sequential: boolean;
   /** True when unwritten ranges read as zeroes, so zero runs need not be written. */
   readonly zeroInitialized: boolean;
-  /**
-   * True when the writer compresses what it is given. Its chunks then cost CPU rather than writes, and the
-   * pipeline keeps more of them in flight by default.
-   */
-  readonly compresses: boolean;
   write(offset: number, data: Buffer): Promise<void>;
   writeZeroes(offset: number, length: number): Promise<void>;
   /** Completes the image (metadata, rename into place). After it the writer is closed. */

@@ -43,7 +43,6 @@ class RawLayer implements ImageLayer {
 class RawWriter implements DiskWriter {
   readonly granularity = 512;
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = true;
 
   constructor(
@@ -77,7 +76,6 @@ class RawWriter implements DiskWriter {
 class RawInPlaceWriter implements DiskWriter {
   readonly granularity = 512;
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = false;
 
   constructor(

@@ -71,7 +71,6 @@ interface TailCluster {
  */
 export class Qcow2InPlaceWriter implements DiskWriter {
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = false;
   readonly granularity: number;
   private readonly cs: number;

@@ -60,7 +60,6 @@ interface RefBlock {
 export class Qcow2Writer implements DiskWriter {
   readonly sequential = false;
   readonly granularity: number;
-  readonly compresses: boolean;
   readonly zeroInitialized: boolean;
   private readonly cs: number;
   private readonly geo: Qcow2Geometry;
@@ -92,7 +91,6 @@ export class Qcow2Writer implements DiskWriter {
     this.entryBytes = opts.extendedL2 ? 16 : 8;
     this.subclusterSize = opts.extendedL2 ? this.cs / SUBCLUSTERS : this.cs;
     this.granularity = opts.compress ? this.cs : this.subclusterSize;
-    this.compresses = opts.compress;
     this.zeroInitialized = !opts.backingFile;
     this.l1 = Buffer.alloc(this.geo.l1Entries * 8);
     this.reftable = new Float64Array(this.geo.reftableClusters * (this.cs / 8));

@@ -29,7 +29,6 @@ const ZERO_WRITE_CHUNK = 4 * 1024 * 1024;
 export class VdiWriter implements DiskWriter {
   readonly granularity = SECTOR_SIZE;
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = true;
   /** Dynamic images: the block map pages written to so far; untouched entries are BLOCK_UNALLOCATED. */
   private readonly bmapPages = new Map<number, Uint32Array>();

@@ -58,7 +58,6 @@ function checkRange(offset: number, length: number, virtualSize: number): void {
 export class VhdFixedWriter implements DiskWriter {
   readonly granularity = SECTOR;
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = true;
 
   private constructor(
@@ -114,7 +113,6 @@ export class VhdFixedWriter implements DiskWriter {
 export class VhdDynamicWriter implements DiskWriter {
   readonly granularity = SECTOR;
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = true;
   private readonly bat: Uint32Array;
   private readonly bitmapSize: number;

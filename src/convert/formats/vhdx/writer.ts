@@ -82,7 +82,6 @@ const ZERO_WRITE = MiB;
 export class VhdxWriter implements DiskWriter {
   readonly granularity = SECTOR_SIZE;
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = true;
   private readonly plan: VhdxPlan;
   /** File offset, in MiB, of each payload block written so far (0: none). Pages appear on first write. */

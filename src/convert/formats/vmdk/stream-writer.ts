@@ -51,7 +51,6 @@ interface Placed {
 export class StreamOptimizedWriter implements DiskWriter {
   readonly granularity = GRAIN_SIZE;
   readonly sequential = true;
-  readonly compresses = true;
   readonly zeroInitialized = true;
   private readonly gd: Uint32Array;
   private readonly capacity: number;

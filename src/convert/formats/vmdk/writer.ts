@@ -62,7 +62,6 @@ class FlatSink implements ExtentSink {
  */
 class VmdkWriter implements DiskWriter {
   readonly sequential = false;
-  readonly compresses = false;
   readonly zeroInitialized = true;
   private committed: string[] = [];
 

@@ -12,7 +12,7 @@ export interface Progress {
 }
 
 export interface PipelineOptions {
-  /** Parallel copy workers (qemu-img -m); default 8. */
+  /** Parallel copy workers (qemu-img -m); default: defaultWorkers(). */
   workers?: number;
   /** Bytes per unit of work; default 2 MiB, raised to the writer's granularity if larger. */
   chunkSize?: number;

@@ -45,11 +45,18 @@ interface FerryNative {
   dataSegments(fd: number, start: number, end: number, maxSegments: number): Float64Array;
   punchHole(fd: number, offset: number, length: number): boolean;
   /**
-   * Writes the buffers (1 to 256) back to back at `position`, all of them, after allocating the range
-   * (fallocate, file size unchanged) so that the buffered write skips delayed allocation. Resolves to the
-   * bytes written. The buffers and the array must not change until it settles.
+   * A thread of its own that writes to fd, in order, what laneWrite queues: each write into a range allocated
+   * just before (fallocate, file size unchanged, so the buffered write skips delayed allocation), in pieces of
+   * at most 512 KiB; writes queued at consecutive positions go out as one. Close it once its writes settled.
    */
-  writeAllocated(fd: number, buffers: Uint8Array[], position: number): Promise<number>;
+  openWriteLane(fd: number): WriteLane;
+  /**
+   * Queues a write of the buffers (1 to 256) back to back at `position`; resolves to the bytes written. The
+   * buffers and the array must not change until it settles.
+   */
+  laneWrite(lane: WriteLane, buffers: Uint8Array[], position: number): Promise<number>;
+  /** Lets the lane finish what is queued and ends its thread; later writes throw. */
+  closeWriteLane(lane: WriteLane): void;
   crc32c(data: Uint8Array, initial?: number): number;
   isZero(data: Uint8Array): boolean;
   /**
@@ -117,6 +124,9 @@ interface FerryNative {
    */
   applyPages(memory: Uint8Array, pageSize: number, count: number, indices: Uint32Array, payload: Uint8Array, meta: Uint32Array, held?: Uint32Array): Promise<number>;
 }
+
+/** An output lane (openWriteLane): opaque. */
+export type WriteLane = { readonly __writeLane: never };
 
 /** What encodePages writes to the delta cache. */
 export const enum CacheMode {

@@ -22,22 +22,39 @@ describe('native helpers', () => {
     expect(Array.from(seg)).toEqual([8 * 1024 * 1024, 8 * 1024 * 1024 + 4096, 32 * 1024 * 1024, 32 * 1024 * 1024 + 8192, 64 * 1024 * 1024]);
   });
 
-  it('writes buffers back to back into an allocated range, extending the file and leaving holes elsewhere', async () => {
+  it('writes buffers back to back into an allocated range through the lane, extending the file and leaving holes elsewhere', async () => {
     const h = await open(join(dir, 'allocated'), 'w+');
     const MiB = 1024 * 1024;
+    const lane = native.openWriteLane(h.fd);
     // Random content and odd sizes: the write goes out in 512 KiB pieces, cut inside and across buffers.
     const parts = [randomBytes(MiB + 3), randomBytes(4096), randomBytes(700 * 1024), randomBytes(100)];
     const total = parts.reduce((n, p) => n + p.length, 0);
-    expect(await native.writeAllocated(h.fd, parts, 8 * MiB)).toBe(total);
+    // Queued at once, the second right behind the first: the lane may merge them; each settles with its own size.
+    const tail = randomBytes(5000);
+    const [first, second] = await Promise.all([native.laneWrite(lane, parts, 8 * MiB), native.laneWrite(lane, [tail], 8 * MiB + total)]);
+    expect([first, second]).toEqual([total, tail.length]);
+    native.closeWriteLane(lane);
+    expect(() => native.laneWrite(lane, [tail], 0)).toThrow(/open write lane/);
     const { size } = await h.stat();
-    expect(size).toBe(8 * MiB + total);
-    const back = Buffer.alloc(total);
+    expect(size).toBe(8 * MiB + total + tail.length);
+    const back = Buffer.alloc(total + tail.length);
     await h.read(back, 0, back.length, 8 * MiB);
-    expect(back.equals(Buffer.concat(parts))).toBe(true);
+    expect(back.equals(Buffer.concat([...parts, tail]))).toBe(true);
     // Only the written range was allocated: the first 8 MiB are still a hole.
     expect(native.dataSegments(h.fd, 0, size, 10)[0]).toBe(8 * MiB);
-    expect(() => native.writeAllocated(h.fd, [], 0)).toThrow(/buffers expected/);
+    expect(() => native.laneWrite(native.openWriteLane(h.fd), [], 0)).toThrow(/buffers expected/);
     await h.close();
+  });
+
+  it('rejects a lane write the file refuses, with its errno, and goes on with the next', async () => {
+    const h = await open(join(dir, 'read-only'), 'w+');
+    await h.close();
+    const ro = await open(join(dir, 'read-only'), 'r');
+    const lane = native.openWriteLane(ro.fd);
+    await expect(native.laneWrite(lane, [Buffer.alloc(10)], 0)).rejects.toMatchObject({ code: 'ERR_FERRY_IO', errno: 9 });
+    await expect(native.laneWrite(lane, [Buffer.alloc(10)], 4096)).rejects.toMatchObject({ errno: 9 });
+    native.closeWriteLane(lane);
+    await ro.close();
   });
 
   it('reports where to resume when the segment limit is reached', async () => {

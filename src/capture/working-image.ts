@@ -3,7 +3,7 @@ import { basename, dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { convertImage } from '../convert/convert.js';
 import { InvalidOptionError } from '../errors.js';
-import { native } from '../native.js';
+import { native, type WriteLane } from '../native.js';
 import { hashChunks, HASH_SIZE, zeroChunkHash } from '../transfer/chunk-codec.js';
 import { Journal, type JournalMeta } from '../transfer/journal.js';
 import type { ReceivedRun } from './source.js';
@@ -62,6 +62,9 @@ export class WorkingImage {
    * spares the journal a record per empty chunk and lets a chunk that joins the plan as zero be left alone.
    */
   private readonly knownZero: Uint8Array;
+  /** The output lane (native openWriteLane, as output-file.ts): writes in order on a thread of their own. */
+  private readonly lane: WriteLane;
+  private laneOpen = true;
   bytesWritten = 0;
 
   private constructor(
@@ -71,6 +74,7 @@ export class WorkingImage {
     newFile: boolean,
   ) {
     this.knownZero = new Uint8Array(journal.chunkCount).fill(newFile ? 1 : 0);
+    this.lane = native.openWriteLane(handle.fd);
   }
 
   get chunkSize(): number {
@@ -242,6 +246,7 @@ export class WorkingImage {
   /** Closes the files, keeping them for a later resume. */
   async close(): Promise<void> {
     await this.checkpointing;
+    this.closeLane();
     await this.handle.close().catch(() => undefined);
     await this.journal.close().catch(() => undefined);
   }
@@ -321,7 +326,14 @@ export class WorkingImage {
 
   /** All of `data` at `position`, into a range allocated just before (cheaper for the filesystem, output-file.ts). */
   private async writeAll(data: Buffer, position: number): Promise<void> {
-    if (data.length) await native.writeAllocated(this.handle.fd, [data], position);
+    if (data.length) await native.laneWrite(this.lane, [data], position);
+  }
+
+  /** Waits for writes still queued and ends the lane's thread. */
+  private closeLane(): void {
+    if (!this.laneOpen) return;
+    this.laneOpen = false;
+    native.closeWriteLane(this.lane);
   }
 
   private async readAll(into: Buffer, position: number): Promise<void> {

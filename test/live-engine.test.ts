@@ -275,13 +275,7 @@ describe('page encoding (native)', () => {
   });
 
   it('gathers pages from a mapping of the RAM file; a page not known to hold data is read, so a hole stays a hole', async () => {
-    const dir = await mkdtemp(join('/dev/shm', 'ferry-gather-'));
-    const file = await open(join(dir, 'ram'), 'w+');
-    try {
-      await file.truncate(64 * PAGE);
-      const data = randomFillSync(Buffer.alloc(PAGE));
-      await file.write(data, 0, PAGE, 7 * PAGE);
-      const memory = new Uint8Array(native.mapShared(file.fd, 64 * PAGE));
+    await withTmpfsRam(64, [7], async (file, memory, [data]) => {
       const states = new Uint8Array(64);
       const out = Buffer.alloc(3 * PAGE);
       const meta = new Uint32Array(12);
@@ -301,10 +295,7 @@ describe('page encoding (native)', () => {
       expect(Array.from(native.dataSegments(file.fd, 0, 64 * PAGE, 16))).toEqual([7 * PAGE, 8 * PAGE, 64 * PAGE]);
       expect(() => encode(Uint32Array.of(64))).toThrow(/beyond the mapped memory/);
       expect(() => native.applyPages(new Uint8Array(native.mapShared(file.fd, 64 * PAGE, true)), PAGE, 1, Uint32Array.of(64), out, meta)).toThrow(/beyond the memory/);
-    } finally {
-      await file.close();
-      await rm(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('leaves a zero page unwritten where the memory already holds zeroes: the hole stays one', async () => {
@@ -351,6 +342,24 @@ describe('page encoding (native)', () => {
 });
 
 /**
+ * A RAM file of `pageCount` pages on tmpfs, holes but for random pages written at `written` (given to `use`, in
+ * that order), mapped read-only, for `use`; removed afterwards.
+ */
+async function withTmpfsRam(pageCount: number, written: number[], use: (file: FileHandle, memory: Uint8Array, data: Buffer[]) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join('/dev/shm', 'ferry-ram-'));
+  const file = await open(join(dir, 'ram'), 'w+');
+  try {
+    await file.truncate(pageCount * PAGE);
+    const data = written.map(() => randomFillSync(Buffer.alloc(PAGE)));
+    for (let i = 0; i < written.length; i++) await file.write(data[i], 0, PAGE, written[i] * PAGE);
+    await use(file, new Uint8Array(native.mapShared(file.fd, pageCount * PAGE)), data);
+  } finally {
+    await file.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/**
  * A RAM file of `pageCount` zero pages under `base`, its ledger (the destination holds zeroes) and a started
  * page-hash tracker over it, for `use`; everything is removed afterwards.
  */
@@ -373,13 +382,7 @@ async function withTrackedRam(base: string, pageCount: number, use: (file: FileH
 
 describe('dirty tracking by page hashes', () => {
   it('looks for holes only where a pass has not found data yet, and finds pages written into them later', async () => {
-    const dir = await mkdtemp(join('/dev/shm', 'ferry-known-'));
-    const file = await open(join(dir, 'ram'), 'w+');
-    try {
-      await file.truncate(64 * PAGE);
-      const page5 = randomFillSync(Buffer.alloc(PAGE));
-      await file.write(page5, 0, PAGE, 5 * PAGE);
-      const memory = new Uint8Array(native.mapShared(file.fd, 64 * PAGE));
+    await withTmpfsRam(64, [5], async (file, memory, [page5]) => {
       const digests = new Uint32Array(128);
       const knownData = new Uint8Array(64);
       const digest = (p: number) => BigInt(digests[p * 2]) | (BigInt(digests[p * 2 + 1]) << 32n);
@@ -395,10 +398,7 @@ describe('dirty tracking by page hashes', () => {
       expect([digest(5), digest(40), digest(41)]).toEqual([native.xxh64(page5), native.xxh64(page40), zero]);
       // Nothing was allocated by reading.
       expect(Array.from(native.dataSegments(file.fd, 0, 64 * PAGE, 16))).toEqual([5 * PAGE, 6 * PAGE, 40 * PAGE, 41 * PAGE, 64 * PAGE]);
-    } finally {
-      await file.close();
-      await rm(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('reports changed pages slice by slice in page order; a page sent during the pass is not reported', async () => {

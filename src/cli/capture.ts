@@ -12,12 +12,13 @@ export function registerCapture(program: Command): void {
     .command('capture')
     .summary('capture a running machine\'s disk over SSH (online P2V)')
     .description(
-      'Read DEVICE on a running machine over SSH, block by block, into DEST in any format Ferry writes.\n' +
-        'A first full pass runs while the source works; incremental passes fetch what changed; the final pass\n' +
-        'freezes the device\'s mounted filesystems briefly. Interrupted captures resume from a journal beside\n' +
-        'DEST. Nothing is installed on the source: a small agent is pushed over SSH and removed at once.\n' +
-        'An LVM logical volume whose volume group has room is read from a temporary snapshot instead (one\n' +
-        'point in time, no freeze; removed afterwards). A user other than root reads the device through sudo.\n\n' +
+      'Read DEVICE on a running machine over SSH, block by block, into DEST in any format Ferry writes. A ' +
+        'first full pass runs while the source works; incremental passes fetch what changed; the final pass ' +
+        "freezes the device's mounted filesystems briefly. Interrupted captures resume from a journal beside " +
+        'DEST. Nothing is installed on the source: a small agent is pushed over SSH and removed at once. An ' +
+        'LVM logical volume whose volume group has room is read from a temporary snapshot instead (one point ' +
+        'in time, no freeze; removed afterwards). A user other than root reads the device through sudo.\n' +
+        '\n' +
         '  ferry capture ssh://USER@HOST[:PORT]/DEVICE DEST [-O FMT]\n' +
         '  ferry capture ssh://USER@HOST[:PORT] --all-disks --out-dir DIR [-O FMT]',
     )

@@ -33,9 +33,9 @@ export function registerConvert(program: Command): void {
     .command('convert')
     .summary('convert a disk image to another format')
     .description(
-      'Copy SRC into a new image DST in format -O, skipping unallocated and zero blocks.\n' +
-        'DST is written under a temporary name and renamed only when complete; SRC is only read.\n' +
-        'With -n, DST must already exist (raw or qcow2, at least as large as SRC) and is written in place.',
+      'Copy SRC into a new image DST in format -O, skipping unallocated and zero blocks. DST is written ' +
+        'under a temporary name and renamed only when complete; SRC is only read. With -n, DST must already ' +
+        'exist (raw or qcow2, at least as large as SRC) and is written in place.',
     )
     .argument('<src>', 'source image')
     .argument('<dst>', 'output image')

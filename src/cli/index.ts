@@ -41,8 +41,9 @@ export function buildProgram(only?: string): Command {
   program
     .name('ferry')
     .description(
-      'Move machines into and between hypervisors.\n\n' +
-        'Disk images: info, convert, check, compare, map and measure take the flags qemu-img users know.\n' +
+      'Move machines into and between hypervisors.\n' +
+        '\n' +
+        'Disk images: info, convert, check, compare, map and measure take the flags qemu-img users know. ' +
         "Formats: 'ferry formats' lists them with their creation options.",
     )
     .version(process.env.npm_package_version ?? '0.1.0')

@@ -7,12 +7,14 @@ export function registerInject(program: Command): void {
     .command('inject')
     .summary('make the guest on a disk image boot on another hypervisor (edits the image in place)')
     .description(
-      'Add the target\'s storage and network drivers to the guest and fix what changes with the hardware:\n' +
-        'Linux: the drivers added to every initramfs (previous kept as .ferry-bak; initramfs-tools images are extended\n' +
-        'on the host, dracut images rebuilt by the guest\'s dracut), fstab/GRUB/resume by UUID,\n' +
-        'foreign guest tools removed, the NIC keeps its name, the target\'s agent installed at first boot.\n' +
-        'Windows: drivers copied from --drivers, the boot storage driver loaded at boot, foreign tools disabled.\n' +
-        'Prints a report of every change and stores it as IMAGE.ferry-inject.json; --dry-run prints the plan only.',
+      "Add the target's storage and network drivers to the guest and fix what changes with the hardware.\n\n" +
+        'Linux: the drivers added to every initramfs (previous kept as .ferry-bak; initramfs-tools images ' +
+        "are extended on the host, dracut images rebuilt by the guest's dracut), fstab/GRUB/resume by UUID, " +
+        "foreign guest tools removed, the NIC keeps its name, the target's agent installed at first boot.\n\n" +
+        'Windows: drivers copied from --drivers, the boot storage driver loaded at boot, foreign tools ' +
+        'disabled.\n\n' +
+        'Prints a report of every change and stores it as IMAGE.ferry-inject.json; --dry-run prints the plan ' +
+        'only.',
     )
     .argument('<image>', 'writable disk image')
     .requiredOption('--target <name>', `target platform: ${targetProfiles.map((p) => p.name).join(', ')}`)

@@ -5,10 +5,10 @@ export function registerInspect(program: Command): void {
     .command('inspect')
     .summary('describe the guest on a disk image (JSON): partitions, OS, kernels, drivers, blockers')
     .description(
-      'Print, as JSON, what driver injection decides on: partition table, filesystems, LVM, operating system\n' +
-        '(Linux distribution or Windows version and edition from the registry), firmware and bootloader, installed\n' +
-        'kernels with the storage and network modules each initramfs holds, foreign guest tools, and blockers\n' +
-        '(a hibernated or Fast-Startup Windows). The image is opened read-only.',
+      'Print, as JSON, what driver injection decides on: partition table, filesystems, LVM, operating ' +
+        'system (Linux distribution or Windows version and edition from the registry), firmware and ' +
+        'bootloader, installed kernels with the storage and network modules each initramfs holds, foreign ' +
+        'guest tools, and blockers (a hibernated or Fast-Startup Windows). The image is opened read-only.',
     )
     .argument('<image>', 'disk image')
     .option('-f, --format <fmt>', 'image format as qemu names it (probed when omitted)')

@@ -12,12 +12,12 @@ export function registerMigrate(program: Command): void {
     .command('migrate')
     .summary('live-migrate a running QEMU VM to a `ferry migrate-listen` on another host')
     .description(
-      'Iterative pre-copy: all guest RAM is copied while the VM runs, dirtied pages are re-sent in rounds, then\n' +
-        'the VM pauses briefly for the rest and its device state, and resumes on the destination once the\n' +
-        "destination's memory digest matched. Any failure before that leaves the source running.\n" +
-        'The VM must keep its RAM in a shared file: -object memory-backend-file,id=mem,size=…,mem-path=RAM,share=on\n' +
-        '-machine memory-backend=mem (or use --engine qemu, QEMU\'s own migration under Ferry\'s policy).\n' +
-        'Ctrl-C aborts (the source keeps running).',
+      'Iterative pre-copy: all guest RAM is copied while the VM runs, dirtied pages are re-sent in rounds, ' +
+        'then the VM pauses briefly for the rest and its device state, and resumes on the destination once ' +
+        "the destination's memory digest matched. Any failure before that leaves the source running; Ctrl-C " +
+        'aborts.\n\n' +
+        'The VM must keep its RAM in a shared file: -object memory-backend-file,id=mem,size=…,mem-path=RAM,share=on ' +
+        "-machine memory-backend=mem (or use --engine qemu, QEMU's own migration under Ferry's policy).",
     )
     .requiredOption('--qmp <socket>', "the source QEMU's QMP unix socket")
     .option('--ram <path>', "the source VM's guest RAM file (required for --engine ferry)")
@@ -67,9 +67,9 @@ export function registerMigrate(program: Command): void {
     .command('migrate-listen')
     .summary('receive one live migration into a QEMU VM started with -incoming defer -S')
     .description(
-      'Start the destination QEMU like the source, on its own RAM file, plus -incoming defer -S. Pages are written\n' +
-        'into that file; the VM resumes only after the memory digest matched the source and the device state\n' +
-        'loaded. If the migration fails, the destination QEMU is told to quit.',
+      'Start the destination QEMU like the source, on its own RAM file, plus -incoming defer -S. Pages are ' +
+        'written into that file; the VM resumes only after the memory digest matched the source and the ' +
+        'device state loaded. If the migration fails, the destination QEMU is told to quit.',
     )
     .requiredOption('--listen <addr:port>', 'address to listen on')
     .requiredOption('--qmp <socket>', "the destination QEMU's QMP unix socket")

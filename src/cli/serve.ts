@@ -12,10 +12,10 @@ export function registerServe(program: Command): void {
     .command('serve')
     .summary('run the job service: HTTP API, dashboard, and (without Redis) the jobs themselves')
     .description(
-      'Serves the jobs API under /v1 (bearer token), the dashboard at /, OpenAPI at /openapi.json (docs at /docs),\n' +
-        'Prometheus metrics at /metrics and /healthz. With REDIS_URL, jobs go to BullMQ queues run by `ferry worker`\n' +
-        'processes (and --workers in this one); without it, an embedded queue runs them here. Job paths are\n' +
-        'relative to the data dir.',
+      'Serves the jobs API under /v1 (bearer token), the dashboard at /, OpenAPI at /openapi.json (docs at ' +
+        '/docs), Prometheus metrics at /metrics and /healthz. With REDIS_URL, jobs go to BullMQ queues run ' +
+        'by `ferry worker` processes (and --workers in this one); without it, an embedded queue runs them ' +
+        'here. Job paths are relative to the data dir.',
     )
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--port <port>', 'port to listen on (0 picks a free one)', '8080')

@@ -8,9 +8,10 @@ export function registerWorker(program: Command): void {
     .command('worker')
     .summary('run queued jobs from Redis (REDIS_URL), beside any number of other workers')
     .description(
-      'Takes jobs from the BullMQ queues in REDIS_URL and runs them. The data dir must be the one `ferry serve`\n' +
-        'uses (shared storage when on another machine). SIGTERM lets running jobs finish for --grace seconds,\n' +
-        'then re-queues them; a worker killed outright is detected after --stall-timeout and its job runs elsewhere.',
+      'Takes jobs from the BullMQ queues in REDIS_URL and runs them. The data dir must be the one `ferry ' +
+        'serve` uses (shared storage when on another machine). SIGTERM lets running jobs finish for --grace ' +
+        'seconds, then re-queues them; a worker killed outright is detected after --stall-timeout and its ' +
+        'job runs elsewhere.',
     )
     .option('--concurrency <n>', 'jobs run at a time', '1')
     .option('--data-dir <dir>', 'the service data dir (default $FERRY_DATA_DIR or ./ferry-data)')

@@ -206,21 +206,26 @@ static void execute(napi_env env, void *data) {
   t->run(t);
 }
 
+/* The error an async call rejects with: ERR_FERRY_IO with its errno when `err` is set, else ERR_FERRY_DATA;
+ * the message is `message` when not empty, else the errno's text. */
+static napi_value failure(napi_env env, int err, const char *message) {
+  napi_value msg, code, errv;
+  napi_create_string_utf8(env, message && message[0] ? message : strerror(err), NAPI_AUTO_LENGTH, &msg);
+  napi_create_string_utf8(env, err ? "ERR_FERRY_IO" : "ERR_FERRY_DATA", NAPI_AUTO_LENGTH, &code);
+  napi_create_error(env, code, msg, &errv);
+  if (err) {
+    napi_value errno_v;
+    napi_create_int32(env, err, &errno_v);
+    napi_set_named_property(env, errv, "errno", errno_v);
+  }
+  return errv;
+}
+
 static void complete(napi_env env, napi_status status, void *data) {
   task *t = data;
   napi_value result;
   if (t->err || t->message[0]) {
-    napi_value msg, code, errv;
-    const char *text = t->message[0] ? t->message : strerror(t->err);
-    napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
-    napi_create_string_utf8(env, t->err ? "ERR_FERRY_IO" : "ERR_FERRY_DATA", NAPI_AUTO_LENGTH, &code);
-    napi_create_error(env, code, msg, &errv);
-    if (t->err) {
-      napi_value errno_v;
-      napi_create_int32(env, t->err, &errno_v);
-      napi_set_named_property(env, errv, "errno", errno_v);
-    }
-    napi_reject_deferred(env, t->deferred, errv);
+    napi_reject_deferred(env, t->deferred, failure(env, t->err, t->message));
   } else if (t->runs) {
     napi_value ab, arr, bytes_v;
     void *p;
@@ -661,17 +666,10 @@ static void lane_completed(napi_env env, napi_value js_cb, void *context, void *
   for (lane_job *j = data, *next; j; j = next) {
     next = j->next;
     if (env) {
-      napi_value result;
       if (j->err) {
-        napi_value msg, code;
-        napi_create_string_utf8(env, strerror(j->err), NAPI_AUTO_LENGTH, &msg);
-        napi_create_string_utf8(env, "ERR_FERRY_IO", NAPI_AUTO_LENGTH, &code);
-        napi_create_error(env, code, msg, &result);
-        napi_value errno_v;
-        napi_create_int32(env, j->err, &errno_v);
-        napi_set_named_property(env, result, "errno", errno_v);
-        napi_reject_deferred(env, j->deferred, result);
+        napi_reject_deferred(env, j->deferred, failure(env, j->err, NULL));
       } else {
+        napi_value result;
         napi_create_double(env, (double)j->bytes, &result);
         napi_resolve_deferred(env, j->deferred, result);
       }
@@ -780,15 +778,11 @@ static napi_value lane_write(napi_env env, napi_callback_info info) {
   job->count = (int)count;
   job->pos = arg_i64(env, argv[2]);
   if (job->pos < 0) return abandon(env, job, napi_throw_range_error, "laneWrite: negative position");
-  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok) return abandon(env, job, napi_throw_error, "laneWrite: cannot create a promise");
   /* The array holds every buffer: referencing it keeps them all alive until the write is done. */
-  if (napi_create_reference(env, argv[1], 1, &job->buffers) != napi_ok) {
-    napi_value err;
-    napi_create_string_utf8(env, "laneWrite: cannot hold the buffers", NAPI_AUTO_LENGTH, &err);
-    napi_create_error(env, NULL, err, &err);
-    napi_reject_deferred(env, job->deferred, err);
-    free(job);
-    return promise;
+  if (napi_create_reference(env, argv[1], 1, &job->buffers) != napi_ok) return abandon(env, job, napi_throw_error, "laneWrite: cannot hold the buffers");
+  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok) {
+    napi_delete_reference(env, job->buffers);
+    return abandon(env, job, napi_throw_error, "laneWrite: cannot create a promise");
   }
   if (lane->pending++ == 0) napi_ref_threadsafe_function(env, lane->done);
   pthread_mutex_lock(&lane->mu);
@@ -800,7 +794,8 @@ static napi_value lane_write(napi_env env, napi_callback_info info) {
   return promise;
 }
 
-/* closeWriteLane(lane): lets the thread finish the writes queued and end. Writes after it throw. */
+/* closeWriteLane(lane): lets the thread finish the writes queued and end; closing again does nothing. Writes after
+ * it throw. */
 static napi_value close_write_lane(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (!get_args(env, info, 1, argv, NULL)) return NULL;

@@ -55,7 +55,7 @@ interface FerryNative {
    * buffers and the array must not change until it settles.
    */
   laneWrite(lane: WriteLane, buffers: Uint8Array[], position: number): Promise<number>;
-  /** Lets the lane finish what is queued and ends its thread; later writes throw. */
+  /** Lets the lane finish what is queued and ends its thread; closing again does nothing, later writes throw. */
   closeWriteLane(lane: WriteLane): void;
   crc32c(data: Uint8Array, initial?: number): number;
   isZero(data: Uint8Array): boolean;

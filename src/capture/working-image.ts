@@ -64,7 +64,6 @@ export class WorkingImage {
   private readonly knownZero: Uint8Array;
   /** The output lane (native openWriteLane, as output-file.ts): writes in order on a thread of their own. */
   private readonly lane: WriteLane;
-  private laneOpen = true;
   bytesWritten = 0;
 
   private constructor(
@@ -246,7 +245,7 @@ export class WorkingImage {
   /** Closes the files, keeping them for a later resume. */
   async close(): Promise<void> {
     await this.checkpointing;
-    this.closeLane();
+    native.closeWriteLane(this.lane);
     await this.handle.close().catch(() => undefined);
     await this.journal.close().catch(() => undefined);
   }
@@ -327,13 +326,6 @@ export class WorkingImage {
   /** All of `data` at `position`, into a range allocated just before (cheaper for the filesystem, output-file.ts). */
   private async writeAll(data: Buffer, position: number): Promise<void> {
     if (data.length) await native.laneWrite(this.lane, [data], position);
-  }
-
-  /** Waits for writes still queued and ends the lane's thread. */
-  private closeLane(): void {
-    if (!this.laneOpen) return;
-    this.laneOpen = false;
-    native.closeWriteLane(this.lane);
   }
 
   private async readAll(into: Buffer, position: number): Promise<void> {

@@ -15,7 +15,6 @@ import { native, type WriteLane } from '../native.js';
  */
 export class OutputFile {
   private readonly lane: WriteLane;
-  private closed = false;
 
   private constructor(
     readonly finalPath: string,
@@ -42,23 +41,16 @@ export class OutputFile {
 
   /** Closes and renames into place. `durable` fsyncs first, for callers that must survive a crash. */
   async commit(durable: boolean): Promise<void> {
-    this.closeLane();
+    native.closeWriteLane(this.lane);
     if (durable) await this.handle.sync();
     await this.handle.close();
     await rename(this.tempPath, this.finalPath);
   }
 
   async discard(): Promise<void> {
-    this.closeLane();
+    native.closeWriteLane(this.lane);
     await this.handle.close().catch(() => undefined);
     await unlink(this.tempPath).catch(() => undefined);
-  }
-
-  /** Waits for writes still queued (none, once every writeAt settled) and ends the lane's thread. */
-  private closeLane(): void {
-    if (this.closed) return;
-    this.closed = true;
-    native.closeWriteLane(this.lane);
   }
 }
 

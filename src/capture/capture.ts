@@ -134,16 +134,17 @@ async function snapshotOf(conn: SshConnection, device: string, log: Logger): Pro
   const volume = await findLvmVolume(conn, device);
   if (!volume) return undefined;
   const fit = snapshotSize(volume);
-  if ('reason' in fit) {
-    log.warn({ device, reason: fit.reason }, 'no LVM snapshot: reading the volume live');
-    return undefined;
+  let reason: string;
+  if ('reason' in fit) reason = fit.reason;
+  else {
+    try {
+      return await takeSnapshot(conn, volume, fit.size, log);
+    } catch (err) {
+      reason = errorMessage(err);
+    }
   }
-  try {
-    return await takeSnapshot(conn, volume, fit.size, log);
-  } catch (err) {
-    log.warn({ device, reason: errorMessage(err) }, 'no LVM snapshot: reading the volume live');
-    return undefined;
-  }
+  log.warn({ device, reason }, 'no LVM snapshot: reading the volume live');
+  return undefined;
 }
 
 /** Fails on bad settings before anything connects. */

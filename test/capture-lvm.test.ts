@@ -1,11 +1,9 @@
 // Capture of an LVM logical volume from a temporary snapshot, against a real LVM: this host's kernel has no
 // device-mapper, so the volume lives in a small guest under TCG (helpers/lvm-guest.ts) reached over SSH.
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { doneLine, ferry, tempDir } from './helpers/env.js';
+import { doneLine, ferry, fileDigest, tempDir } from './helpers/env.js';
 import { LVM_GUEST_VOLUME, startLvmGuest, type LvmGuest } from './helpers/lvm-guest.js';
 
 let guest: LvmGuest;
@@ -25,12 +23,8 @@ function capture(dest: string, extra: string[] = []) {
   return ferry(['capture', '-i', guest.userKey, '--host-key', guest.fingerprint, `ssh://root@127.0.0.1:${guest.port}${LVM_GUEST_VOLUME}`, dest, '--progress=json', ...extra], { timeoutMs: 180_000 });
 }
 
-async function md5File(path: string): Promise<string> {
-  const hash = createHash('md5');
-  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
+/** The image's md5, to compare with md5sum of the volume in the guest. */
+const md5File = (path: string) => fileDigest(path, 'md5');
 const md5Volume = async () => (await guest.ssh(`md5sum ${LVM_GUEST_VOLUME}`)).split(/\s+/)[0];
 const snapshots = async () => (await guest.ssh('lvs --noheadings -o lv_name vg0')).split(/\s+/).filter((n) => n.startsWith('ferry-snap-'));
 

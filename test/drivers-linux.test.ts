@@ -1,24 +1,15 @@
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Change, InjectionReport } from '../src/drivers/types.js';
 import { bootUntil } from './helpers/boot.js';
 import { BOOT_MARKER, GUEST_NIC, copyGuest, debianGuestImage } from './helpers/debian-guest.js';
-import { ferry, tempDir } from './helpers/env.js';
+import { fileDigest, ferry, tempDir } from './helpers/env.js';
 
 /** initramfs-tools gives up on a missing root after rootdelay (10 s in the fixture) and drops to a shell. */
 const ROOT_NOT_FOUND = /ALERT! .* does not exist|Gave up waiting for root|Dropping to a shell/;
 const INJECT_TIMEOUT_MS = 600_000;
 const BOOT_TIMEOUT_MS = 240_000;
-
-function sha256(path: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const hash = createHash('sha256');
-    createReadStream(path).on('data', (d) => hash.update(d)).on('end', () => resolve(hash.digest('hex'))).on('error', reject);
-  });
-}
 
 const summary = (changes: Change[]) => changes.map((c) => `${c.kind} ${'path' in c ? c.path : c.command}`);
 
@@ -42,13 +33,13 @@ describe('ferry inject --target kvm on a Debian guest built for other hardware',
   }, BOOT_TIMEOUT_MS + 30_000);
 
   it('--dry-run prints the plan and changes nothing; the real run makes the same changes and the guest boots on virtio', async () => {
-    const before = await sha256(guest);
+    const before = await fileDigest(guest);
     const mtime = (await stat(guest)).mtimeMs;
     const dry = await ferry(['inject', '--target', 'kvm', '--dry-run', '--output', 'json', guest], { timeoutMs: INJECT_TIMEOUT_MS });
     expect(dry.code, dry.stderr).toBe(0);
     const plan = JSON.parse(dry.stdout) as InjectionReport;
     expect(plan.dryRun).toBe(true);
-    expect(await sha256(guest)).toBe(before);
+    expect(await fileDigest(guest)).toBe(before);
     expect((await stat(guest)).mtimeMs).toBe(mtime);
 
     const real = await ferry(['inject', '--target', 'kvm', '--output', 'json', guest], { timeoutMs: INJECT_TIMEOUT_MS });

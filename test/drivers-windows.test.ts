@@ -1,11 +1,10 @@
 import { execFile } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { copyFile, mkdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Change, InjectionReport } from '../src/drivers/types.js';
-import { ferry, requireTool, tempDir } from './helpers/env.js';
+import { fileDigest, ferry, requireTool, tempDir } from './helpers/env.js';
 import { syntheticWindowsImage } from './helpers/windows-image.js';
 
 const run = promisify(execFile);
@@ -41,7 +40,6 @@ async function hivexget(hive: string, key: string, value: string): Promise<strin
   return (await run('hivexget', [hive, key, value])).stdout.trim();
 }
 
-const sha256 = async (path: string) => createHash('sha256').update(await readFile(path)).digest('hex');
 const summary = (changes: Change[]) => changes.map((c) => `${c.kind} ${'path' in c ? c.path : 'key' in c ? `${c.key}\\${c.name}` : ''}`);
 
 describe('Windows driver injection on synthetic NTFS images', () => {
@@ -63,11 +61,11 @@ describe('Windows driver injection on synthetic NTFS images', () => {
   it('kvm on Windows 10: --dry-run lists the changes and changes nothing; the run writes the same changes', async () => {
     const disk = join(dir, 'w10-kvm.raw');
     await copyFile(win10, disk);
-    const before = await sha256(disk);
+    const before = await fileDigest(disk);
     const dry = await ferry(['inject', '--target', 'kvm', '--drivers', virtioWin, '--dry-run', '--output', 'json', disk], { timeoutMs: TIMEOUT });
     expect(dry.code, dry.stderr).toBe(0);
     const plan = JSON.parse(dry.stdout) as InjectionReport;
-    expect(await sha256(disk)).toBe(before);
+    expect(await fileDigest(disk)).toBe(before);
 
     const real = await ferry(['inject', '--target', 'kvm', '--drivers', virtioWin, '--output', 'json', disk], { timeoutMs: TIMEOUT });
     expect(real.code, real.stderr).toBe(0);
@@ -160,11 +158,11 @@ describe('Windows driver injection on synthetic NTFS images', () => {
 
   it('a hibernated (Fast Startup) Windows is refused with a clear message and left unchanged', async () => {
     const disk = await syntheticWindowsImage(join(dir, 'hib'), { ntVersion: '10.0', productName: 'Windows 10 Pro', editionId: 'Professional', hibernated: true });
-    const before = await sha256(disk);
+    const before = await fileDigest(disk);
     const r = await ferry(['inject', '--target', 'kvm', '--drivers', virtioWin, disk], { timeoutMs: TIMEOUT });
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/^ferry inject: .*windows\.raw: Windows was shut down with Fast Startup .*powercfg \/h off/);
-    expect(await sha256(disk)).toBe(before);
+    expect(await fileDigest(disk)).toBe(before);
     const inspected = await ferry(['inspect', disk], { timeoutMs: TIMEOUT });
     expect(inspected.code, inspected.stderr).toBe(0);
     const inspection = JSON.parse(inspected.stdout);

@@ -1,4 +1,6 @@
 import { execFile, execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -10,6 +12,13 @@ export const FERRY = join(ROOT, 'bin', 'ferry.js');
 const run = promisify(execFile);
 
 /** Fails (never skips) when a peer tool is missing, naming the package that provides it. */
+/** The hex digest of a file's content, read as a stream (disk images are large). */
+export async function fileDigest(path: string, algorithm = 'sha256'): Promise<string> {
+  const hash = createHash(algorithm);
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
 export function requireTool(command: string, debianPackage: string): string {
   try {
     return execFileSync('sh', ['-c', `command -v ${command}`], { encoding: 'utf8' }).trim();

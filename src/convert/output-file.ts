@@ -1,4 +1,3 @@
-import { randomBytes } from 'node:crypto';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { native, type WriteLane } from '../native.js';
@@ -13,6 +12,8 @@ import { native, type WriteLane } from '../native.js';
  * writes queued at consecutive positions, and writes each into a range the filesystem allocates just before:
  * cheaper for it than delayed allocation.
  */
+const TEMP_NAME_ATTEMPTS = 16;
+
 export class OutputFile {
   private readonly lane: WriteLane;
 
@@ -24,10 +25,20 @@ export class OutputFile {
     this.lane = native.openWriteLane(handle.fd);
   }
 
+  /**
+   * The temporary name only has to be free: opening it exclusively (wx) proves it is, and a taken one is
+   * retried under another name. So Math.random() serves, and a conversion starts without loading node:crypto.
+   */
   static async create(finalPath: string): Promise<OutputFile> {
-    const tempPath = join(dirname(finalPath), `.${basename(finalPath)}.ferry-${randomBytes(4).toString('hex')}.tmp`);
-    const handle = await open(tempPath, 'wx+', 0o644);
-    return new OutputFile(finalPath, tempPath, handle);
+    for (let attempt = 1; ; attempt++) {
+      const tag = Math.floor(Math.random() * 2 ** 32).toString(16).padStart(8, '0');
+      const tempPath = join(dirname(finalPath), `.${basename(finalPath)}.ferry-${tag}.tmp`);
+      try {
+        return new OutputFile(finalPath, tempPath, await open(tempPath, 'wx+', 0o644));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt === TEMP_NAME_ATTEMPTS) throw err;
+      }
+    }
   }
 
   get fd(): number {

@@ -3,7 +3,7 @@
  * a block map of little-endian 32-bit entries, then the data blocks. Parsing validates every field against
  * the file size and those limits before anything is allocated, because images come from strangers.
  */
-import { randomUUID } from 'node:crypto';
+import { randomUUID } from '../../../util/random.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../../errors.js';
 
 /** Bytes QEMU reads and writes as the header: the 0x48-byte pre-header plus the version 1.1 header, padded. */

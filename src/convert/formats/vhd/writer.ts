@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes } from '../../../util/random.js';
 import type { DiskWriter } from '../../disk.js';
 import type { OutputFile } from '../../output-file.js';
 import {

@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes } from '../../../util/random.js';
 import { unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { InvalidOptionError } from '../../../errors.js';

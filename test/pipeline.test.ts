@@ -1,5 +1,9 @@
-import { describe, expect, it } from 'vitest';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { basename, join } from 'node:path';
+import { describe, expect, it, vi } from 'vitest';
 import type { DiskReader, DiskWriter, Extent } from '../src/convert/disk.js';
+import { OutputFile } from '../src/convert/output-file.js';
 import { copyDisk } from '../src/convert/pipeline.js';
 import { native } from '../src/native.js';
 import { CancelledError } from '../src/errors.js';
@@ -139,5 +143,43 @@ describe('conversion pipeline', () => {
     await expect(run).rejects.toBeInstanceOf(CancelledError);
     const written = w.writes.reduce((sum, [, len]) => sum + len, 0);
     expect(written).toBeLessThan(size / 2);
+  });
+});
+
+describe('OutputFile', () => {
+  const tempFor = (dir: string, tag: string) => join(dir, `.out.raw.ferry-${tag}.tmp`);
+
+  it('writes under a free temporary name beside the target, taking another when one is taken, and renames when committed', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-output-'));
+    try {
+      // The first two names drawn are the same and already exist: the third draw must be used.
+      const draws = [0.25, 0.25, 0.5];
+      const random = vi.spyOn(Math, 'random').mockImplementation(() => draws.shift() ?? 0.75);
+      await writeFile(tempFor(dir, '40000000'), 'somebody else');
+      const out = await OutputFile.create(join(dir, 'out.raw'));
+      random.mockRestore();
+      expect(out.tempPath).toBe(tempFor(dir, '80000000'));
+      await out.writeAt(Buffer.from('ferry'), 0);
+      await out.commit(false);
+      expect(await readFile(join(dir, 'out.raw'), 'utf8')).toBe('ferry');
+      expect(await readFile(tempFor(dir, '40000000'), 'utf8')).toBe('somebody else');
+      expect((await readdir(dir)).sort()).toEqual([basename(tempFor(dir, '40000000')), 'out.raw']);
+    } finally {
+      vi.restoreAllMocks();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('gives up with EEXIST when every name it draws is taken', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-output-'));
+    try {
+      vi.spyOn(Math, 'random').mockReturnValue(0.25);
+      await writeFile(tempFor(dir, '40000000'), '');
+      await expect(OutputFile.create(join(dir, 'out.raw'))).rejects.toMatchObject({ code: 'EEXIST' });
+      expect(await readdir(dir)).toEqual([basename(tempFor(dir, '40000000'))]);
+    } finally {
+      vi.restoreAllMocks();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -2,6 +2,9 @@ import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { native, type WriteLane } from '../native.js';
 
+/** Temporary names drawn before create() gives up on finding a free one. */
+const TEMP_NAME_ATTEMPTS = 16;
+
 /**
  * A file written under a temporary name beside its destination and renamed into place only when complete,
  * so a failed or cancelled conversion never leaves a partial image under the real name.
@@ -12,8 +15,6 @@ import { native, type WriteLane } from '../native.js';
  * writes queued at consecutive positions, and writes each into a range the filesystem allocates just before:
  * cheaper for it than delayed allocation.
  */
-const TEMP_NAME_ATTEMPTS = 16;
-
 export class OutputFile {
   private readonly lane: WriteLane;
 

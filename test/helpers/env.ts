@@ -11,7 +11,6 @@ export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const FERRY = join(ROOT, 'bin', 'ferry.js');
 const run = promisify(execFile);
 
-/** Fails (never skips) when a peer tool is missing, naming the package that provides it. */
 /** The hex digest of a file's content, read as a stream (disk images are large). */
 export async function fileDigest(path: string, algorithm = 'sha256'): Promise<string> {
   const hash = createHash(algorithm);
@@ -19,6 +18,7 @@ export async function fileDigest(path: string, algorithm = 'sha256'): Promise<st
   return hash.digest('hex');
 }
 
+/** Fails (never skips) when a peer tool is missing, naming the package that provides it. */
 export function requireTool(command: string, debianPackage: string): string {
   try {
     return execFileSync('sh', ['-c', `command -v ${command}`], { encoding: 'utf8' }).trim();

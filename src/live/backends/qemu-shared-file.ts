@@ -3,9 +3,8 @@
  *   -object memory-backend-file,id=mem,size=…,mem-path=/dev/shm/vm.ram,share=on -machine memory-backend=mem
  *
  * Source: Ferry reads guest RAM through one shared mapping of the file while QEMU runs (the first round with
- * pread, so that holes stay holes), finds dirty pages
- * with soft-dirty bits when the kernel has them (probed) or by page digests, and pauses/resumes/throttles
- * the vCPUs over QMP. Destination: QEMU waits with `-incoming defer -S` on its own RAM file, which the
+ * pread, so that holes stay holes), finds dirty pages with soft-dirty bits when the kernel has them (probed)
+ * or by page digests, and pauses/resumes/throttles the vCPUs over QMP. Destination: QEMU waits with `-incoming defer -S` on its own RAM file, which the
  * listener fills. The device state crosses in QEMU's own migration stream with the x-ignore-shared
  * capability (shared RAM is left out of it), tunnelled through Ferry's connection over unix sockets.
  */

@@ -14,9 +14,9 @@ const SLICE_PAGES = 8192;
  * Cost: one pass over the RAM the guest has touched, at memory speed, through the backend's shared read-only
  * mapping of the file (no copy). Holes of the file (memory the guest never wrote) are known zero without being
  * read; the file is asked where they are only in ranges that still had holes at the previous pass (asking
- * walks its pages too). Pages the caller already counts as dirty are not read either: at switchover, that is the last round's
- * dirty set, about to be sent anyway. Slices are reported in page order as they finish, so while paused the
- * last pages are sent during the pass rather than after it.
+ * walks its pages too). Pages the caller already counts as dirty are not read either: at switchover, that is
+ * the last round's dirty set, about to be sent anyway. Slices are reported in page order as they finish, so
+ * while paused the last pages are sent during the pass rather than after it.
  */
 export class PageHashTracker implements DirtyTracker {
   readonly method = 'page-hash';
